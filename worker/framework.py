@@ -1,0 +1,82 @@
+"""The only module that imports TensorFlow and Keras, and only when first asked.
+
+Everything that needs the deep-learning framework (the model, training, datasets)
+calls :func:`tf` or :func:`keras` at run time. Importing any other module of the
+project never loads TensorFlow: the scheduler, the CLI's help, the database code
+and a Celery worker's parent process stay light and fork-safe (TensorFlow is not:
+a prefork worker whose parent touched it hangs, so the model is built in the child).
+"""
+
+from __future__ import annotations
+
+import threading
+from types import ModuleType
+from typing import Any
+
+_lock = threading.Lock()
+_configured = False
+
+
+def tf() -> ModuleType:
+    """The ``tensorflow`` module, configured on first use (threads, GPU memory growth)."""
+    _configure()
+    import tensorflow
+
+    return tensorflow
+
+
+def keras() -> ModuleType:
+    """The ``keras`` (3.x) module."""
+    _configure()
+    import keras as _keras
+
+    return _keras
+
+
+def is_loaded() -> bool:
+    """Whether TensorFlow has been imported in this process (for tests and fork guards)."""
+    import sys
+
+    return "tensorflow" in sys.modules
+
+
+_pending_threads: int = 0
+
+
+def set_threads(intra_op: int) -> None:
+    """Ask for ``intra_op`` TensorFlow threads (0: one per core). Must run before first use."""
+    global _pending_threads
+    _pending_threads = intra_op
+
+
+def _configure() -> None:
+    global _configured
+    if _configured:
+        return
+    with _lock:
+        if _configured:
+            return
+        import tensorflow
+
+        if _pending_threads > 0:
+            try:
+                tensorflow.config.threading.set_intra_op_parallelism_threads(_pending_threads)
+                tensorflow.config.threading.set_inter_op_parallelism_threads(1)
+            except RuntimeError:  # already initialised by someone else: keep theirs
+                pass
+        for gpu in tensorflow.config.list_physical_devices("GPU"):
+            try:
+                tensorflow.config.experimental.set_memory_growth(gpu, True)
+            except RuntimeError:
+                pass
+        _configured = True
+
+
+def device_description() -> str:
+    """``"GPU: <name>"`` for the first visible GPU, else ``"CPU"``."""
+    t = tf()
+    gpus = t.config.list_physical_devices("GPU")
+    if not gpus:
+        return "CPU"
+    details: dict[str, Any] = t.config.experimental.get_device_details(gpus[0])
+    return f"GPU: {details.get('device_name', gpus[0].name)}"
