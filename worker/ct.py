@@ -116,7 +116,8 @@ class CtSeries:
     @property
     def normal(self) -> npt.NDArray[np.float64]:
         n = np.cross(np.asarray(self.row_cosine, float), np.asarray(self.column_cosine, float))
-        return n / np.linalg.norm(n)
+        normal: npt.NDArray[np.float64] = n / np.linalg.norm(n)
+        return normal
 
     @property
     def positions_mm(self) -> npt.NDArray[np.float64]:
