@@ -1,0 +1,43 @@
+"""Shared fixtures. Service fixtures (PostgreSQL, Redis, S3) live in tests/helpers/services.py."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+pytest_plugins = ["tests.helpers.services"]
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+
+
+def shared_data_dir(name: str) -> Path:
+    """A folder of ../shared/data, or skip the test with the reason."""
+    path = SHARED_DATA / name
+    if not path.is_dir():
+        pytest.skip(f"real data {name!r} is absent: expected at {path} (see ../shared/data/README.md)")
+    return path
+
+
+@pytest.fixture()
+def real_ge_ct() -> Path:
+    """The real GE head CT (gantry tilt +18.5 deg, uneven gaps, no hemorrhage)."""
+    return shared_data_dir("real-head-ct-ge")
+
+
+@pytest.fixture()
+def philips_study() -> Path:
+    """The Philips skull-phantom study: a scout, an axial series and screenshots."""
+    return shared_data_dir("philips-phantom-study")
+
+
+@pytest.fixture()
+def drunet_slices() -> Path:
+    """14 real 8-bit hemorrhage slices (JPEG data with .png names), no masks."""
+    return shared_data_dir("drunet-test-slices")
+
+
+@pytest.fixture()
+def blast_ct_assets() -> Path:
+    return shared_data_dir("blast-ct-assets")
