@@ -41,3 +41,25 @@ def drunet_slices() -> Path:
 @pytest.fixture()
 def blast_ct_assets() -> Path:
     return shared_data_dir("blast-ct-assets")
+
+
+TINY_INPUT = 32
+
+
+@pytest.fixture(scope="session")
+def tiny_model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An untrained DR-UNet (dims 4, 32x32 input) saved with metadata: fast, for plumbing tests."""
+    from worker.model import build_drunet, save_model
+    from worker.weights import ModelInfo
+
+    model = build_drunet(dims=4, input_size=TINY_INPUT)
+    info = ModelInfo(
+        name="DR-UNet",
+        architecture="drunet",
+        dims=4,
+        input_size=TINY_INPUT,
+        hu_window=(-20.0, 100.0),
+        version="tiny-test-1",
+        training_data="none (random initialisation, for tests)",
+    )
+    return save_model(model, tmp_path_factory.mktemp("model") / "tiny.keras", info)

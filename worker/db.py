@@ -294,3 +294,8 @@ def current_revision(url: str) -> str | None:
             return None if rev is None else str(rev)
     finally:
         engine.dispose()
+
+
+def rowcount(result: Any) -> int:
+    """Rows matched by an UPDATE or DELETE (``CursorResult.rowcount``, typed)."""
+    return int(result.rowcount)

@@ -9,6 +9,7 @@ a prefork worker whose parent touched it hangs, so the model is built in the chi
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from types import ModuleType
 from typing import Any
@@ -22,7 +23,8 @@ def tf() -> ModuleType:
     _configure()
     import tensorflow
 
-    return tensorflow
+    module: ModuleType = tensorflow
+    return module
 
 
 def keras() -> ModuleType:
@@ -30,7 +32,8 @@ def keras() -> ModuleType:
     _configure()
     import keras as _keras
 
-    return _keras
+    module: ModuleType = _keras
+    return module
 
 
 def is_loaded() -> bool:
@@ -56,6 +59,11 @@ def _configure() -> None:
     with _lock:
         if _configured:
             return
+        # TensorFlow's C++ start-up chatter (oneDNN, CPU features) would pollute stderr, where
+        # the CLI promises one line per problem; Python-level errors still raise.
+        import os
+
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
         import tensorflow
 
         if _pending_threads > 0:
@@ -65,10 +73,8 @@ def _configure() -> None:
             except RuntimeError:  # already initialised by someone else: keep theirs
                 pass
         for gpu in tensorflow.config.list_physical_devices("GPU"):
-            try:
+            with contextlib.suppress(RuntimeError):
                 tensorflow.config.experimental.set_memory_growth(gpu, True)
-            except RuntimeError:
-                pass
         _configured = True
 
 

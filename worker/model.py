@@ -192,7 +192,7 @@ class KerasSegmenter:
         tf = framework.tf()
         size = info.input_size
         spec = tf.TensorSpec((self.batch_size, size, size, 1), tf.float32)
-        self._fn = tf.function(lambda x: model(x, training=False), input_signature=[spec])
+        self._fn = tf.function(lambda x: model(x, training=False), input_signature=[spec], autograph=False)
 
     @property
     def info(self) -> ModelInfo:
@@ -216,6 +216,32 @@ class KerasSegmenter:
             probs = self._fn(batch).numpy()
             out[start:stop] = probs[: stop - start, ..., 0]
         return out
+
+
+class LazySegmenter:
+    """A segmenter whose metadata is read at once (no TensorFlow) and whose model loads on first use.
+
+    ``ichvol segment`` uses it so that an unusable study fails in milliseconds, before
+    TensorFlow is imported; :meth:`load` lets the pipeline time the loading on its own.
+    """
+
+    def __init__(self, model_path: str | Path | None = None, *, batch_size: int = 8) -> None:
+        self._path, _ = resolve_model_path(model_path)
+        self._info = read_model_info(self._path)
+        self._batch_size = batch_size
+        self._loaded: KerasSegmenter | None = None
+
+    @property
+    def info(self) -> ModelInfo:
+        return self._info
+
+    def load(self) -> KerasSegmenter:
+        if self._loaded is None:
+            self._loaded = load_segmenter(self._path, batch_size=self._batch_size)
+        return self._loaded
+
+    def predict(self, images: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        return self.load().predict(images)
 
 
 def load_segmenter(model_path: str | Path | None = None, *, batch_size: int = 8) -> KerasSegmenter:
