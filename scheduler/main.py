@@ -1,0 +1,88 @@
+"""The scheduler process: poll the export bucket every interval until stopped.
+
+``ichvol scheduler`` and ``python -m scheduler`` both land here. SIGTERM/SIGINT end
+the loop after the poll in progress. Transient trouble (S3, database, broker) is
+logged and the next poll tries again; the process does not exit for it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+from worker.errors import IchvolError, TransientError
+from worker.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def add_scheduler_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--once", action="store_true", help="poll once, print the counts and exit")
+    parser.add_argument("--interval", type=float, help="seconds between polls (default ICHVOL_POLL_INTERVAL_S)")
+
+
+def run_scheduler(settings: Settings, *, once: bool = False, stop: threading.Event | None = None) -> int:
+    from scheduler.enqueue import celery_sender
+    from scheduler.poll import poll_once
+    from worker import db, storage
+    from worker.runtime import model_reference
+
+    stop = stop or threading.Event()
+    model = model_reference(settings)
+    sessions = db.session_factory(db.make_engine(settings.database_url))
+    store = storage.open_store(settings.export_bucket, settings)
+    enqueue = celery_sender(settings)
+    log.info(
+        "scheduler polling %s every %.0f s for model %s",
+        settings.export_bucket,
+        settings.poll_interval_s,
+        model.version,
+    )
+    while True:
+        try:
+            report = poll_once(store=store, sessions=sessions, settings=settings, model=model, enqueue=enqueue)
+            if once:
+                print(report.line())
+                return 0
+        except TransientError as exc:
+            log.warning("poll failed, will retry: %s", exc.message)
+            if once:
+                print(f"ichvol scheduler: {exc.message}")
+                return 1
+        if stop.wait(settings.poll_interval_s):
+            log.info("scheduler stopped")
+            return 0
+
+
+def main(argv: Sequence[str] | None = None, settings: Settings | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m scheduler", description="Poll the PACS export bucket.")
+    add_scheduler_arguments(parser)
+    args = parser.parse_args(argv)
+    return run_from_args(args, settings)
+
+
+def run_from_args(args: argparse.Namespace, settings: Settings | None = None) -> int:
+    import sys
+
+    from worker.logs import configure_logging
+
+    try:
+        settings = settings or Settings.from_env()
+        if args.interval is not None:
+            settings = settings.replace(poll_interval_s=args.interval)
+        configure_logging(level=settings.log_level, fmt=settings.log_format)
+        stop = threading.Event()
+
+        def _stop(signum: int, _frame: Any) -> None:
+            stop.set()
+
+        signal.signal(signal.SIGTERM, _stop)
+        signal.signal(signal.SIGINT, _stop)
+        return run_scheduler(settings, once=args.once, stop=stop)
+    except IchvolError as exc:
+        print(f"ichvol scheduler: {exc.message}", file=sys.stderr)
+        return 2

@@ -1,0 +1,78 @@
+"""The Celery application (``celery -A worker worker`` finds ``app`` here). App only.
+
+Delivery guarantees for long GPU tasks:
+
+* ``task_acks_late`` + ``task_reject_on_worker_lost``: a study whose worker process
+  dies is delivered again, never silently dropped;
+* ``worker_prefetch_multiplier = 1``: a worker holds one study at a time;
+* soft/hard time limits from the settings; the Redis ``visibility_timeout`` is set
+  above the hard limit, otherwise a long study would be delivered twice;
+* no result backend: the database is the record of every run.
+
+The model is loaded in each pool process after the fork (``worker_process_init``),
+never in the parent: TensorFlow is not fork-safe.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery, signals
+
+from worker.settings import Settings
+
+TASK_PROCESS_RUN = "ichvol.process_run"
+
+
+def create_app(settings: Settings | None = None) -> Celery:
+    settings = settings or Settings.from_env()
+    app = Celery("ichvol", broker=settings.broker_url, include=["worker.tasks"])
+    app.conf.update(
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_soft_time_limit=settings.soft_time_limit_s,
+        task_time_limit=settings.hard_time_limit_s,
+        broker_transport_options={"visibility_timeout": settings.visibility_timeout_s},
+        broker_connection_retry_on_startup=True,
+        task_default_queue=settings.queue_name,
+        task_routes={TASK_PROCESS_RUN: {"queue": settings.queue_name}},
+        task_ignore_result=True,
+        task_always_eager=settings.task_always_eager,
+        task_serializer="json",
+        accept_content=["json"],
+        worker_send_task_events=True,
+        task_send_sent_event=True,
+        worker_hijack_root_logger=False,
+        worker_cancel_long_running_tasks_on_connection_loss=False,
+        timezone="UTC",
+    )
+    app.conf.ichvol_settings = settings
+    return app
+
+
+app = create_app()
+
+# Remote-control commands (`celery -A worker inspect model_info`) register on import.
+from worker import control as _control  # noqa: E402,F401
+
+
+@signals.worker_process_init.connect  # type: ignore[untyped-decorator]
+def _load_model_in_child(**_: Any) -> None:
+    from worker import runtime
+
+    runtime.init_pool_process(app.conf.ichvol_settings)
+
+
+@signals.worker_process_shutdown.connect  # type: ignore[untyped-decorator]
+def _close_child(**_: Any) -> None:
+    from worker import runtime
+
+    runtime.shutdown_pool_process()
+
+
+@signals.worker_init.connect  # type: ignore[untyped-decorator]
+def _init_parent(**_: Any) -> None:
+    from worker import runtime
+
+    runtime.init_parent(app.conf.ichvol_settings)

@@ -1,0 +1,179 @@
+"""Per-process worker state: dependencies built after the fork, the loaded model, status.
+
+A Celery prefork worker is one parent process (consumes messages, answers remote
+control) and pool processes (run tasks). The parent never imports TensorFlow. Each pool
+process builds its own database engine, S3 clients and segmenter in
+:func:`init_pool_process`, and keeps a small status file (model loaded, device,
+studies processed) that the parent reads to answer ``inspect model_info``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from worker.errors import IchvolError, ModelFileError
+from worker.settings import Settings
+from worker.weights import ModelInfo, Segmenter, read_model_info, resolve_model_path
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class WorkerDeps:
+    """What a task needs, built once per process."""
+
+    settings: Settings
+    sessions: Any  # sqlalchemy.orm.sessionmaker
+    export_store: Any  # worker.storage.ObjectStore
+    results_store: Any
+    model_info: ModelInfo
+    segmenter_factory: Callable[[], Segmenter]
+    _segmenter: Segmenter | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def segmenter(self) -> Segmenter:
+        if self._segmenter is None:
+            with self._lock:
+                if self._segmenter is None:
+                    self._segmenter = self.segmenter_factory()
+        return self._segmenter
+
+    @property
+    def segmenter_loaded(self) -> bool:
+        return self._segmenter is not None
+
+
+_deps: WorkerDeps | None = None
+_deps_pid: int | None = None
+_status: dict[str, Any] = {}
+
+
+def model_reference(settings: Settings) -> ModelInfo:
+    """The configured model's metadata and checksum, read without TensorFlow."""
+    path, _ = resolve_model_path(settings.model_path)
+    return read_model_info(path)
+
+
+def build_deps(settings: Settings, *, segmenter_factory: Callable[[], Segmenter] | None = None) -> WorkerDeps:
+    """Engine, stores and a lazy segmenter for this process."""
+    from worker import db, storage
+
+    engine = db.make_engine(settings.database_url)
+    info = model_reference(settings)
+
+    def default_factory() -> Segmenter:
+        from worker import framework
+        from worker.model import load_segmenter
+
+        framework.set_threads(settings.inference_threads)
+        return load_segmenter(settings.model_path, batch_size=settings.inference_batch_size)
+
+    return WorkerDeps(
+        settings=settings,
+        sessions=db.session_factory(engine),
+        export_store=storage.open_store(settings.export_bucket, settings),
+        results_store=storage.open_store(settings.results_bucket, settings),
+        model_info=info,
+        segmenter_factory=segmenter_factory or default_factory,
+    )
+
+
+def get_deps(settings: Settings | None = None) -> WorkerDeps:
+    """This process's dependencies (rebuilt after a fork: connections are not shared)."""
+    global _deps, _deps_pid
+    if _deps is None or _deps_pid != os.getpid():
+        _deps = build_deps(settings or Settings.from_env())
+        _deps_pid = os.getpid()
+    return _deps
+
+
+def set_deps(deps: WorkerDeps | None) -> None:
+    """Install dependencies explicitly (the embedded demo and tests)."""
+    global _deps, _deps_pid
+    _deps, _deps_pid = deps, (os.getpid() if deps is not None else None)
+
+
+# --- status shared with the parent ---------------------------------------------------------
+
+
+def _state_dir(settings: Settings, parent_pid: int) -> Path:
+    return Path(settings.work_dir) / "worker-state" / f"{socket.gethostname()}-{parent_pid}"
+
+
+def init_parent(settings: Settings) -> None:
+    directory = _state_dir(settings, os.getpid())
+    directory.mkdir(parents=True, exist_ok=True)
+    for old in directory.glob("*.json"):
+        old.unlink(missing_ok=True)
+
+
+def _write_status() -> None:
+    deps = _deps
+    if deps is None:
+        return
+    directory = _state_dir(deps.settings, os.getppid())
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{os.getpid()}.json"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({**_status, "pid": os.getpid(), "updated_at": time.time()}))
+    tmp.replace(path)
+
+
+def init_pool_process(settings: Settings) -> None:
+    """Runs in each pool process after the fork: build dependencies and load the model."""
+    from worker.logs import configure_logging
+
+    configure_logging(level=settings.log_level, fmt=settings.log_format)
+    _status.clear()
+    _status.update(loaded=False, device=None, load_error=None, succeeded=0, failed=0)
+    try:
+        deps = get_deps(settings)
+    except IchvolError as exc:
+        log.error("worker dependencies unavailable: %s", exc.message)
+        _status["load_error"] = exc.message
+        return
+    try:
+        deps.segmenter  # noqa: B018 - load now, not on the first study
+        from worker import framework
+
+        _status.update(loaded=True, device=framework.device_description())
+    except ModelFileError as exc:
+        log.error("model could not be loaded: %s", exc.message)
+        _status["load_error"] = exc.message
+    _write_status()
+
+
+def shutdown_pool_process() -> None:
+    deps = _deps
+    if deps is not None:
+        with contextlib.suppress(KeyError, AttributeError):
+            deps.sessions.kw["bind"].dispose()
+
+
+def record_processed(*, succeeded: bool) -> None:
+    key = "succeeded" if succeeded else "failed"
+    _status[key] = int(_status.get(key, 0)) + 1
+    _write_status()
+
+
+def children_status(settings: Settings) -> list[dict[str, Any]]:
+    """Status files of this worker's pool processes (read by the parent)."""
+    directory = _state_dir(settings, os.getpid())
+    rows = []
+    for path in sorted(directory.glob("*.json")):
+        try:
+            rows.append(json.loads(path.read_text()))
+        except (OSError, json.JSONDecodeError):
+            continue
+    return rows
