@@ -1,0 +1,349 @@
+"""Training DR-UNet (or the UNet baseline) the paper's way, with validation and resume.
+
+Defaults follow the paper: Adam, learning rate 2e-4, batch 16, BCE + Dice loss,
+50 epochs, 256x256 input. Each epoch is validated; the weights with the best
+validation Dice are kept as the output ``.keras`` file (with metadata, see
+:mod:`worker.weights`). An interrupted run resumes from its last finished epoch,
+optimizer state included (Keras ``BackupAndRestore`` in ``work_dir/backup``). Every
+epoch is logged to ``work_dir/log.csv`` and ``log.json``; ``curves.png`` plots them.
+
+Data are :class:`SliceArrays`: images ``(n, S, S)`` float32 already windowed to
+[-1, 1] (see :mod:`worker.preprocess`), masks ``(n, S, S)`` uint8 in {0, 1}, and the
+patient each slice came from (splits are by patient, never by slice).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from worker import framework
+from worker.weights import ModelInfo
+
+log = logging.getLogger(__name__)
+
+DEFAULT_HU_WINDOW = (-20.0, 100.0)
+
+
+@dataclass(frozen=True)
+class SliceArrays:
+    """Training or validation slices at model input size."""
+
+    images: npt.NDArray[np.float32]  # (n, S, S) in [-1, 1]
+    masks: npt.NDArray[np.uint8]  # (n, S, S) in {0, 1}
+    patients: tuple[str, ...]  # (n,) patient/study id per slice
+
+    def __post_init__(self) -> None:
+        if self.images.shape != self.masks.shape or self.images.ndim != 3:
+            raise ValueError(f"images {self.images.shape} and masks {self.masks.shape} must be (n, S, S) alike")
+        if len(self.patients) != self.images.shape[0]:
+            raise ValueError("one patient id per slice is required")
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    def take(self, index: npt.NDArray[np.intp]) -> SliceArrays:
+        return SliceArrays(self.images[index], self.masks[index], tuple(self.patients[i] for i in index))
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training run. Units: learning rate per step, sizes in pixels."""
+
+    out_path: Path
+    work_dir: Path
+    architecture: str = "drunet"
+    dims: int = 32
+    input_size: int = 256
+    epochs: int = 50
+    batch_size: int = 16
+    learning_rate: float = 2e-4
+    seed: int = 0
+    hu_window: tuple[float, float] = DEFAULT_HU_WINDOW
+    augment: bool = True
+    mixed_precision: bool = False
+    float16_weights: bool = False
+    version: str = ""
+    training_data: str = ""
+    steps_per_epoch: int | None = None  # None: one pass over the training slices
+    verbose: int = 1
+
+
+@dataclass
+class TrainOutcome:
+    out_path: Path
+    best_epoch: int
+    best_val_dice: float
+    history: list[dict[str, float]] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def split_by_patient(data: SliceArrays, *, val_fraction: float, seed: int) -> tuple[SliceArrays, SliceArrays]:
+    """Split so that no patient has slices on both sides."""
+    patients = sorted(set(data.patients))
+    if len(patients) < 2:
+        raise ValueError("at least two patients are needed for a patient-level split")
+    rng = np.random.default_rng(seed)
+    rng.shuffle(patients)
+    n_val = min(max(1, round(len(patients) * val_fraction)), len(patients) - 1)
+    val_patients = set(patients[:n_val])
+    is_val = np.array([p in val_patients for p in data.patients])
+    return data.take(np.flatnonzero(~is_val)), data.take(np.flatnonzero(is_val))
+
+
+def make_dataset(
+    data: SliceArrays, *, batch_size: int, shuffle: bool, augment: bool, seed: int, repeat: bool = False
+) -> Any:
+    """A ``tf.data`` pipeline: shuffle, augment (flips, small rotations/scales, intensity jitter), batch, prefetch.
+
+    Deterministic under ``seed`` (stateless random ops keyed by the element index).
+    """
+    tf = framework.tf()
+    images = data.images[..., None]
+    masks = data.masks[..., None].astype(np.float32)
+    ds = tf.data.Dataset.from_tensor_slices((images, masks))
+    ds = ds.enumerate()
+    if shuffle:
+        ds = ds.shuffle(min(len(data), 4096), seed=seed, reshuffle_each_iteration=True)
+    if repeat:
+        ds = ds.repeat()
+
+    def _augment(index: Any, pair: Any) -> Any:
+        image, mask = pair
+        if not augment:
+            return image, mask
+        key = tf.stack([tf.cast(seed, tf.int64), index])
+        return augment_pair(image, mask, key)
+
+    ds = ds.map(_augment, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+def augment_pair(image: Any, mask: Any, key: Any) -> Any:
+    """Random flip, rotation (+-10 deg), scale (0.9-1.1) and intensity jitter of one (S, S, 1) pair."""
+    tf = framework.tf()
+    seeds = tf.random.experimental.stateless_split(tf.cast(key, tf.int64), num=6)
+    flip = tf.random.stateless_uniform([], seeds[0]) < 0.5
+    image = tf.where(flip, tf.image.flip_left_right(image), image)
+    mask = tf.where(flip, tf.image.flip_left_right(mask), mask)
+    angle = tf.random.stateless_uniform([], seeds[1], -10.0, 10.0) * np.pi / 180.0
+    scale = tf.random.stateless_uniform([], seeds[2], 0.9, 1.1)
+    size = tf.cast(tf.shape(image)[0], tf.float32)
+    cos, sin = tf.cos(angle) / scale, tf.sin(angle) / scale
+    centre = (size - 1.0) / 2.0
+    # output pixel (x, y) samples input at A (x, y) + b: rotation and scale about the centre
+    transform = tf.stack(
+        [
+            cos,
+            -sin,
+            centre - cos * centre + sin * centre,
+            sin,
+            cos,
+            centre - sin * centre - cos * centre,
+            0.0,
+            0.0,
+        ]
+    )[None]
+    shape = tf.shape(image)[:2]
+    image = tf.raw_ops.ImageProjectiveTransformV3(
+        images=image[None],
+        transforms=transform,
+        output_shape=shape,
+        fill_value=-1.0,
+        interpolation="BILINEAR",
+        fill_mode="CONSTANT",
+    )[0]
+    mask = tf.raw_ops.ImageProjectiveTransformV3(
+        images=mask[None],
+        transforms=transform,
+        output_shape=shape,
+        fill_value=0.0,
+        interpolation="NEAREST",
+        fill_mode="CONSTANT",
+    )[0]
+    gain = tf.random.stateless_uniform([], seeds[3], 0.9, 1.1)
+    offset = tf.random.stateless_uniform([], seeds[4], -0.08, 0.08)
+    noise = tf.random.stateless_normal(tf.shape(image), seeds[5], stddev=0.03)
+    image = tf.clip_by_value(image * gain + offset + noise, -1.0, 1.0)
+    return image, mask
+
+
+def _dice_scores(model_fn: Any, data: SliceArrays, batch_size: int) -> dict[str, float]:
+    """Validation Dice at threshold 0.5: over hematoma slices (the paper's) and over all slices."""
+    preds = (
+        np.concatenate([model_fn(data.images[i : i + batch_size, ..., None]) for i in range(0, len(data), batch_size)])[
+            ..., 0
+        ]
+        > 0.5
+    )
+    truth = data.masks > 0
+    inter = np.logical_and(preds, truth).sum(axis=(1, 2)).astype(np.float64)
+    sums = preds.sum(axis=(1, 2)) + truth.sum(axis=(1, 2))
+    per_slice = np.where(sums > 0, 2 * inter / np.maximum(sums, 1), 1.0)
+    has_blood = truth.any(axis=(1, 2))
+    pooled = 2 * inter.sum() / max(float(sums.sum()), 1.0)
+    return {
+        "val_dice_hematoma_slices": float(per_slice[has_blood].mean()) if has_blood.any() else float("nan"),
+        "val_dice_all_slices": float(per_slice.mean()),
+        "val_dice_pooled": float(pooled),
+    }
+
+
+def train(config: TrainConfig, *, train_data: SliceArrays, val_data: SliceArrays) -> TrainOutcome:
+    """Train, validate each epoch, keep the best-Dice weights at ``config.out_path``."""
+    from worker import losses
+    from worker.model import DISPLAY_NAMES, build_model, save_model
+
+    keras = framework.keras()
+    tf = framework.tf()
+    work_dir = Path(config.work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    keras.utils.set_random_seed(config.seed)
+    if config.mixed_precision:
+        keras.mixed_precision.set_global_policy("mixed_float16")
+    size = config.input_size
+    if train_data.images.shape[1:] != (size, size) or val_data.images.shape[1:] != (size, size):
+        raise ValueError(f"training slices must be {size}x{size}")
+
+    model = build_model(config.architecture, dims=config.dims, input_size=size)
+    model.compile(
+        optimizer=keras.optimizers.Adam(learning_rate=config.learning_rate),
+        loss=losses.bce_dice_loss,
+        metrics=[losses.hard_dice],
+    )
+    steps = config.steps_per_epoch or max(1, -(-len(train_data) // config.batch_size))
+    train_ds = make_dataset(
+        train_data,
+        batch_size=config.batch_size,
+        shuffle=True,
+        augment=config.augment,
+        seed=config.seed,
+        repeat=True,
+    )
+    predict = tf.function(lambda x: model(x, training=False), reduce_retracing=True, autograph=False)
+
+    def model_fn(x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        return np.asarray(predict(tf.constant(x)))
+
+    version = config.version or f"{config.architecture}-d{config.dims}-s{size}-{datetime.now(UTC):%Y%m%d%H%M}"
+    state_path = work_dir / "best.json"
+    best = json.loads(state_path.read_text()) if state_path.exists() else {"epoch": -1, "dice": -1.0}
+    history: list[dict[str, float]] = []
+    log_json = work_dir / "log.json"
+    if log_json.exists():
+        history = json.loads(log_json.read_text())
+
+    def info_for(scores: dict[str, float]) -> ModelInfo:
+        return ModelInfo(
+            name=DISPLAY_NAMES[config.architecture],
+            architecture=config.architecture,
+            dims=config.dims,
+            input_size=size,
+            hu_window=config.hu_window,
+            version=version,
+            training_data=config.training_data,
+            validation={k: round(v, 4) for k, v in scores.items() if v == v},
+            created=datetime.now(UTC).isoformat(timespec="seconds"),
+        )
+
+    started = time.perf_counter()
+    epoch_started = [started]
+
+    class _Validate(keras.callbacks.Callback):  # type: ignore[misc,name-defined]
+        def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
+            epoch_started[0] = time.perf_counter()
+
+        def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
+            scores = _dice_scores(model_fn, val_data, config.batch_size)
+            seconds = time.perf_counter() - epoch_started[0]
+            row = {
+                "epoch": float(epoch + 1),
+                "loss": float((logs or {}).get("loss", float("nan"))),
+                "train_dice": float((logs or {}).get("hard_dice", float("nan"))),
+                **scores,
+                "seconds": round(seconds, 2),
+                "slices_per_s": round(steps * config.batch_size / max(seconds, 1e-9), 2),
+            }
+            history.append(row)
+            dice = scores["val_dice_pooled"]
+            if dice > best["dice"]:
+                best.update(epoch=epoch + 1, dice=dice)
+                save_model(model, config.out_path, info_for(scores), float16=config.float16_weights)
+                state_path.write_text(json.dumps(best))
+            _write_logs(work_dir, history)
+            if config.verbose:
+                print(
+                    f"epoch {epoch + 1}/{config.epochs}: loss {row['loss']:.4f} "
+                    f"val Dice {dice:.3f} (best {best['dice']:.3f} @ {best['epoch']}), "
+                    f"{row['slices_per_s']:.1f} slices/s",
+                    flush=True,
+                )
+
+    callbacks = [
+        keras.callbacks.BackupAndRestore(str(work_dir / "backup")),
+        _Validate(),
+    ]
+    model.fit(
+        train_ds,
+        epochs=config.epochs,
+        steps_per_epoch=steps,
+        callbacks=callbacks,
+        verbose=config.verbose,
+        shuffle=False,  # the dataset shuffles itself, deterministically
+    )
+    _plot_curves(work_dir, history)
+    return TrainOutcome(
+        out_path=Path(config.out_path),
+        best_epoch=int(best["epoch"]),
+        best_val_dice=float(best["dice"]),
+        history=history,
+        seconds=time.perf_counter() - started,
+    )
+
+
+def _write_logs(work_dir: Path, history: list[dict[str, float]]) -> None:
+    (work_dir / "log.json").write_text(json.dumps(history, indent=1))
+    if history:
+        with (work_dir / "log.csv").open("w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(history[0]))
+            writer.writeheader()
+            writer.writerows(history)
+
+
+def _plot_curves(work_dir: Path, history: list[dict[str, float]]) -> Path | None:
+    if not history:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [row["epoch"] for row in history]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    ax1.plot(epochs, [row["loss"] for row in history], label="training loss (BCE + Dice)")
+    ax1.set_xlabel("epoch")
+    ax1.legend()
+    ax2.plot(epochs, [row["train_dice"] for row in history], label="training Dice")
+    ax2.plot(epochs, [row["val_dice_pooled"] for row in history], label="validation Dice (pooled)")
+    ax2.plot(
+        epochs,
+        [row["val_dice_hematoma_slices"] for row in history],
+        label="validation Dice (hematoma slices)",
+    )
+    ax2.set_xlabel("epoch")
+    ax2.set_ylim(0, 1)
+    ax2.legend()
+    fig.tight_layout()
+    path = work_dir / "curves.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
