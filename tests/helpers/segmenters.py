@@ -1,0 +1,36 @@
+"""Segmenters for tests: deterministic, no TensorFlow.
+
+``HuBandSegmenter`` calls "hematoma" every pixel whose windowed intensity falls in the
+acute-blood band (50-90 HU by default): on phantoms, whose blood is 50-90 HU, it finds the
+lesions, so end-to-end tests can check volumes against the truth without a trained model.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import numpy.typing as npt
+
+from worker.weights import ModelInfo
+
+
+class HuBandSegmenter:
+    def __init__(
+        self, *, input_size: int = 64, window: tuple[float, float] = (-20.0, 100.0), band_hu: tuple[float, float] = (50, 90),
+        version: str = "hu-band-1",
+    ) -> None:
+        self._info = ModelInfo(
+            name="HU band (test)", architecture="hu-band", dims=0, input_size=input_size, hu_window=window,
+            version=version, sha256="0" * 64,
+        )
+        low, high = window
+        self._band = tuple((b - low) / (high - low) * 2 - 1 for b in band_hu)
+        self.calls = 0
+
+    @property
+    def info(self) -> ModelInfo:
+        return self._info
+
+    def predict(self, images: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        self.calls += 1
+        lo, hi = self._band
+        return ((images >= lo) & (images <= hi)).astype(np.float32)
