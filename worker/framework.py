@@ -10,7 +10,9 @@ a prefork worker whose parent touched it hangs, so the model is built in the chi
 from __future__ import annotations
 
 import contextlib
+import contextlib
 import threading
+from collections.abc import Iterator
 from types import ModuleType
 from typing import Any
 
@@ -60,11 +62,13 @@ def _configure() -> None:
         if _configured:
             return
         # TensorFlow's C++ start-up chatter (oneDNN, CPU features) would pollute stderr, where
-        # the CLI promises one line per problem; Python-level errors still raise.
-        import os
+        # the CLI promises one line per problem; Python-level errors still raise. The native
+        # logger reads its level before Python can set it, so the start-up is muted at the
+        # file-descriptor level: the import and the first device initialisation.
+        with _native_stderr_muted():
+            import tensorflow
 
-        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-        import tensorflow
+            tensorflow.constant(0.0).numpy()
 
         if _pending_threads > 0:
             try:
@@ -76,6 +80,29 @@ def _configure() -> None:
             with contextlib.suppress(RuntimeError):
                 tensorflow.config.experimental.set_memory_growth(gpu, True)
         _configured = True
+
+
+@contextlib.contextmanager
+def _native_stderr_muted() -> Iterator[None]:
+    import os
+    import sys
+
+    try:
+        fd = sys.stderr.fileno()
+    except (AttributeError, ValueError, OSError):  # captured or replaced stderr: nothing to mute
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(fd)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, fd)
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, fd)
+        os.close(saved)
+        os.close(devnull)
 
 
 def device_description() -> str:
