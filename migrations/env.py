@@ -78,6 +78,8 @@ def _run(connection: Connection) -> None:
         sqlite_raw = connection.connection.driver_connection
         assert sqlite_raw is not None
         sqlite_raw.execute("PRAGMA foreign_keys=OFF")
+        # Batch ALTERs rename tables; without this SQLite also rewrites (and breaks) the views.
+        sqlite_raw.execute("PRAGMA legacy_alter_table=ON")
     try:
         _configure(connection)
         with context.begin_transaction():

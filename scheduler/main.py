@@ -32,8 +32,10 @@ def run_scheduler(settings: Settings, *, once: bool = False, stop: threading.Eve
     from worker.runtime import model_reference
 
     stop = stop or threading.Event()
+    _require_migrated(settings)
     model = model_reference(settings)
     sessions = db.session_factory(db.make_engine(settings.database_url))
+    _sync_trend_config(sessions, settings)
     store = storage.open_store(settings.export_bucket, settings)
     enqueue = celery_sender(settings)
     log.info(
@@ -56,6 +58,26 @@ def run_scheduler(settings: Settings, *, once: bool = False, stop: threading.Eve
         if stop.wait(settings.poll_interval_s):
             log.info("scheduler stopped")
             return 0
+
+
+def _require_migrated(settings: Settings) -> None:
+    from worker import db
+    from worker.errors import ConfigurationError
+
+    if db.current_revision(settings.database_url) is None:
+        raise ConfigurationError("the database has no schema yet: run `alembic upgrade head` first")
+
+
+def _sync_trend_config(sessions: Any, settings: Settings) -> None:
+    """Copy ICHVOL_PINNED_MODEL_VERSION into the row the trend views read (views cannot read settings)."""
+    from worker import db
+    from worker.trends import sync_trend_config
+
+    try:
+        with db.transaction(sessions) as session:
+            sync_trend_config(session, settings)
+    except TransientError as exc:
+        log.warning("trend configuration not synchronised: %s", exc.message)
 
 
 def main(argv: Sequence[str] | None = None, settings: Settings | None = None) -> int:

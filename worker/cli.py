@@ -217,6 +217,23 @@ def _check(args: argparse.Namespace, settings: Settings) -> int:
     return 0 if all(ok for ok, _ in results.values()) else 1
 
 
+# --- trends ------------------------------------------------------------------------------------
+
+
+def _add_trends(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    from worker.trends import add_trends_arguments
+
+    p = sub.add_parser("trends", help="hematoma volume timelines and expansion (from the database)")
+    add_trends_arguments(p)
+    p.set_defaults(handler=_trends)
+
+
+def _trends(args: argparse.Namespace, settings: Settings) -> int:
+    from worker.trends import run_trends_command
+
+    return run_trends_command(args, settings)
+
+
 # --- training ------------------------------------------------------------------------------------
 
 
@@ -242,6 +259,7 @@ SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [  # type: ign
     _add_scheduler,
     _add_check,
     _add_train,
+    _add_trends,
     _add_model_info,
 ]
 

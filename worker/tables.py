@@ -146,9 +146,7 @@ class Study(Base):
     study_time: Mapped[dt.time | None] = mapped_column(Time)
     study_datetime: Mapped[dt.datetime | None] = mapped_column()
 
-    runs: Mapped[list[Run]] = relationship(
-        back_populates="study", cascade="all, delete-orphan", passive_deletes=True
-    )
+    runs: Mapped[list[Run]] = relationship(back_populates="study", cascade="all, delete-orphan", passive_deletes=True)
 
     def __repr__(self) -> str:  # no patient data in reprs: they end up in logs
         return f"Study(id={self.id!r}, bucket={self.bucket!r}, prefix={self.prefix!r})"
@@ -246,3 +244,32 @@ class Result(Base):
 
     def __repr__(self) -> str:
         return f"Result(id={self.id!r}, run_id={self.run_id!r}, volume_ml={self.volume_ml!r})"
+
+
+#: Default window (hours after the baseline scan) in which growth counts as expansion.
+DEFAULT_WINDOW_HOURS = 72.0
+
+
+class TrendConfig(Base):
+    """The one configuration row the trend views read (``id = 1``).
+
+    ``pinned_model_version``: report this model version's results only (NULL: each study
+    version's most recent result). ``expansion_window_hours``: follow-ups count for
+    expansion when ``0 < hours since the baseline <= this``.
+    """
+
+    __tablename__ = "trend_config"
+    __table_args__ = (
+        CheckConstraint("id = 1", name="single_row"),
+        CheckConstraint("expansion_window_hours > 0", name="window_positive"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    pinned_model_version: Mapped[str | None] = mapped_column(Text)
+    expansion_window_hours: Mapped[float] = mapped_column(Float, server_default=text(str(DEFAULT_WINDOW_HOURS)))
+    updated_at: Mapped[dt.datetime] = mapped_column(server_default=func.now())
+
+
+#: Scans of one night without reading every study (``expansions_since``). Declared here,
+#: beside the migration that creates it, so autogenerate sees the models and the database agree.
+STUDY_DATETIME_INDEX = Index("ix_studies_study_datetime", Study.__table__.c.study_datetime)

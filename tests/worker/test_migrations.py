@@ -21,17 +21,20 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import inspect
 
 from worker import db
+from worker import trends as _trends  # noqa: F401 - registers trend_config and its index in Base.metadata
 from worker.tables import Base
 
 pytestmark = pytest.mark.integration
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
-TABLES = {"studies", "runs", "results"}
+TABLES = {"studies", "runs", "results", "trend_config"}
+VIEWS = {"current_results", "patient_timeline", "hematoma_expansion"}
 UNIQUE_CONSTRAINTS = {
     "studies": {("uq_studies_bucket_prefix_fingerprint", ("bucket", "prefix", "fingerprint"))},
     "runs": {("uq_runs_study_id_model_version", ("study_id", "model_version"))},
     "results": {("uq_results_run_id", ("run_id",))},
+    "trend_config": set(),
 }
 INDEXES = {
     "studies": {
@@ -41,16 +44,19 @@ INDEXES = {
         ),
         ("ix_studies_discovered_at", ("discovered_at",)),
         ("ix_studies_study_instance_uid", ("study_instance_uid",)),
+        ("ix_studies_study_datetime", ("study_datetime",)),
     },
     "runs": {
         ("ix_runs_state_enqueued_at", ("state", "enqueued_at")),
         ("ix_runs_finished_at", ("finished_at",)),
     },
     "results": {("ix_results_created_at", ("created_at",))},
+    "trend_config": set(),
 }
 FOREIGN_KEYS = {
     "runs": {("fk_runs_study_id_studies", "studies", "CASCADE")},
     "results": {("fk_results_run_id_runs", "runs", "CASCADE")},
+    "trend_config": set(),
 }
 CHECKS = {
     "studies": {
@@ -60,6 +66,7 @@ CHECKS = {
     },
     "runs": {"ck_runs_run_state", "ck_runs_attempts_nonnegative"},
     "results": {"ck_results_volume_ml_nonnegative", "ck_results_n_slices_positive"},
+    "trend_config": {"ck_trend_config_single_row", "ck_trend_config_window_positive"},
 }
 
 
@@ -71,21 +78,18 @@ def _schema(url: str) -> dict[str, object]:
         return {
             "tables": tables,
             "uniques": {
-                t: {(u["name"], tuple(u["column_names"])) for u in insp.get_unique_constraints(t)}
-                for t in tables
+                t: {(u["name"], tuple(u["column_names"])) for u in insp.get_unique_constraints(t)} for t in tables
             },
             "indexes": {
                 t: {(i["name"], tuple(i["column_names"])) for i in insp.get_indexes(t) if not i.get("unique")}
                 for t in tables
             },
             "fks": {
-                t: {
-                    (f["name"], f["referred_table"], f["options"].get("ondelete"))
-                    for f in insp.get_foreign_keys(t)
-                }
+                t: {(f["name"], f["referred_table"], f["options"].get("ondelete")) for f in insp.get_foreign_keys(t)}
                 for t in tables
             },
             "checks": {t: {c["name"] for c in insp.get_check_constraints(t)} for t in tables},
+            "views": set(insp.get_view_names()),
         }
     finally:
         engine.dispose()
@@ -98,6 +102,7 @@ def _assert_full_schema(url: str) -> None:
     assert schema["indexes"] == INDEXES
     assert schema["fks"] == {**FOREIGN_KEYS, "studies": set()}
     assert schema["checks"] == CHECKS
+    assert schema["views"] == VIEWS
 
 
 def _assert_models_match(url: str) -> None:
@@ -128,6 +133,7 @@ def _round_trip(url: str) -> None:
     assert db.current_revision(url) is None
     schema = _schema(url)
     assert schema["tables"] == set()
+    assert schema["views"] == set()
 
     db.upgrade_to_head(url)
     assert db.current_revision(url) == _head()
