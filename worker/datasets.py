@@ -6,9 +6,9 @@ model never sees a different intensity mapping in training and in production.
 
 from __future__ import annotations
 
-import numpy as np
-
 from typing import TYPE_CHECKING
+
+import numpy as np
 
 from worker import preprocess
 from worker.training import SliceArrays

@@ -149,8 +149,7 @@ def list_study_files(study_dir: Path, *, max_files: int) -> tuple[list[Path], li
             if len(files) > max_files:
                 raise StudyError(
                     ErrorCode.TOO_MANY_FILES,
-                    f"the study folder holds more than {max_files} files; split the export or raise "
-                    "ICHVOL_MAX_FILES",
+                    f"the study folder holds more than {max_files} files; split the export or raise ICHVOL_MAX_FILES",
                 )
     found_warnings = []
     if n_outside:
@@ -254,9 +253,7 @@ def read_dataset(path: Path, *, forced: bool | None = None, stop_before_pixels: 
         with quiet_pydicom():
             ds = pydicom.dcmread(path, stop_before_pixels=stop_before_pixels, force=forced)
     except FileNotFoundError:
-        raise StudyError(
-            ErrorCode.STUDY_CHANGED, f"file {path.name} disappeared while the study was read"
-        ) from None
+        raise StudyError(ErrorCode.STUDY_CHANGED, f"file {path.name} disappeared while the study was read") from None
     except OSError as exc:
         raise TransientError(f"could not read {path.name}: {exc.strerror or exc}") from None
     # See read_header: any parse failure of a file that parsed before means damage.
@@ -284,9 +281,7 @@ def _needs_force(fp: BinaryIO) -> bool | None:
     return None
 
 
-def _header_from_dataset(
-    ds: Dataset, *, path: Path, forced: bool, has_pixel_data: bool
-) -> DicomHeader | None:
+def _header_from_dataset(ds: Dataset, *, path: Path, forced: bool, has_pixel_data: bool) -> DicomHeader | None:
     sop_class = _uid(ds, "SOPClassUID")
     sop_instance = _uid(ds, "SOPInstanceUID")
     series = _uid(ds, "SeriesInstanceUID")

@@ -53,9 +53,7 @@ def load_study(study_dir: Path, *, rules: SelectionRules) -> CtSeries:
         if "PixelData" not in ds and header.has_pixel_data:
             # The scan saw the Pixel Data tag; pydicom drops an element the file ends inside
             # (encapsulated data cut short).
-            raise StudyError(
-                ErrorCode.TRUNCATED_FILE, f"{label} is truncated: the file ends inside its pixel data"
-            )
+            raise StudyError(ErrorCode.TRUNCATED_FILE, f"{label} is truncated: the file ends inside its pixel data")
         if study is None:
             study = study_info(ds)
         slice_hu = to_hu(ds, label=label)

@@ -10,7 +10,6 @@ a prefork worker whose parent touched it hangs, so the model is built in the chi
 from __future__ import annotations
 
 import contextlib
-import contextlib
 import threading
 from collections.abc import Iterator
 from types import ModuleType

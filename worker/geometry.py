@@ -109,9 +109,7 @@ def tilt_deg(normal: npt.ArrayLike) -> float:
     return float(np.degrees(np.arccos(np.clip(abs(n[2]), 0.0, 1.0))))
 
 
-def uneven_spacing_warning(
-    positions_mm: npt.ArrayLike, *, tolerance_mm: float = EVEN_GAP_TOLERANCE_MM
-) -> str | None:
+def uneven_spacing_warning(positions_mm: npt.ArrayLike, *, tolerance_mm: float = EVEN_GAP_TOLERANCE_MM) -> str | None:
     """A warning when the gaps between sorted slice positions (mm) are not all equal.
 
     Volumes use per-slice slab thicknesses and stay exact; a NIfTI affine can hold only

@@ -128,16 +128,12 @@ def decode_stored_values(ds: Dataset, *, label: str) -> npt.NDArray[np.integer[A
     """
     if "PixelData" not in ds:
         if "FloatPixelData" in ds or "DoubleFloatPixelData" in ds:
-            raise StudyError(
-                ErrorCode.UNSUPPORTED_PIXEL_FORMAT, f"{label}: float pixel data is not a CT image"
-            )
+            raise StudyError(ErrorCode.UNSUPPORTED_PIXEL_FORMAT, f"{label}: float pixel data is not a CT image")
         raise StudyError(ErrorCode.MISSING_PIXEL_DATA, f"{label} has no pixel data")
     file_meta = getattr(ds, "file_meta", None)
     raw_syntax = file_meta.get("TransferSyntaxUID") if file_meta is not None else None
     if not raw_syntax:
-        raise StudyError(
-            ErrorCode.UNSUPPORTED_COMPRESSION, f"{label} does not say how its pixel data is encoded"
-        )
+        raise StudyError(ErrorCode.UNSUPPORTED_COMPRESSION, f"{label} does not say how its pixel data is encoded")
     syntax = UID(str(raw_syntax))
     syntax_name = syntax.name if syntax.is_transfer_syntax else str(syntax)
     try:
@@ -164,9 +160,7 @@ def decode_stored_values(ds: Dataset, *, label: str) -> npt.NDArray[np.integer[A
             f"{label} is a colour image ({samples} samples per pixel), not CT",
         )
     if frames != 1:
-        raise StudyError(
-            ErrorCode.MULTIFRAME_UNSUPPORTED, f"{label} has {frames} frames; single-frame CT expected"
-        )
+        raise StudyError(ErrorCode.MULTIFRAME_UNSUPPORTED, f"{label} has {frames} frames; single-frame CT expected")
     if (
         bits_allocated not in _SUPPORTED_BITS_ALLOCATED
         or not 1 <= bits_stored <= bits_allocated
@@ -205,8 +199,7 @@ def decode_stored_values(ds: Dataset, *, label: str) -> npt.NDArray[np.integer[A
     if arr.shape != (rows, columns) or not np.issubdtype(arr.dtype, np.integer):
         raise StudyError(
             ErrorCode.CORRUPT_PIXEL_DATA,
-            f"{label}: decoded pixel data has shape {arr.shape} ({arr.dtype}), "
-            f"{rows}x{columns} integers expected",
+            f"{label}: decoded pixel data has shape {arr.shape} ({arr.dtype}), {rows}x{columns} integers expected",
         )
     return arr
 

@@ -100,8 +100,7 @@ def _tile(hu_slice: np.ndarray, mask_slice: np.ndarray, position_mm: float, tile
         contours, _ = cv2.findContours(binary, cv2.RETR_LIST, cv2.CHAIN_APPROX_NONE)
         # Pixel centres map to ((c + 0.5) * scale - 0.5): exact at scale 1, centred otherwise.
         scaled = [
-            np.rint((c.astype(np.float64) + 0.5) * scale - 0.5 + np.array([x0, y0])).astype(np.int32)
-            for c in contours
+            np.rint((c.astype(np.float64) + 0.5) * scale - 0.5 + np.array([x0, y0])).astype(np.int32) for c in contours
         ]
         cv2.drawContours(tile, scaled, -1, CONTOUR_BGR, thickness=1, lineType=cv2.LINE_8)
     label = f"z {position_mm:.1f} mm"
@@ -158,9 +157,7 @@ def write_overlay_png(
     sheet = np.zeros((header_px + grid_rows * tile_px, width, 3), dtype=np.uint8)
     for n, text in enumerate(lines):
         baseline_y = _MARGIN_PX + _LINE_PX * n + 16
-        cv2.putText(
-            sheet, text, (_MARGIN_PX, baseline_y), _FONT, _HEADER_SCALE, (255, 255, 255), 1, cv2.LINE_AA
-        )
+        cv2.putText(sheet, text, (_MARGIN_PX, baseline_y), _FONT, _HEADER_SCALE, (255, 255, 255), 1, cv2.LINE_AA)
     for n, tile in enumerate(tiles):
         r, c = divmod(n, columns)
         y, x = header_px + r * tile_px, c * tile_px

@@ -81,15 +81,12 @@ SMOOTHING_SIGMA_MM = 0.5
 
 def _check_spacing(pixel_spacing_mm: tuple[float, float]) -> tuple[float, float]:
     if len(pixel_spacing_mm) != 2:
-        raise ValueError(
-            f"pixel_spacing_mm must be (between rows, between columns), got {pixel_spacing_mm!r}"
-        )
+        raise ValueError(f"pixel_spacing_mm must be (between rows, between columns), got {pixel_spacing_mm!r}")
     row_mm, col_mm = (float(v) for v in pixel_spacing_mm)
     if not (math.isfinite(row_mm) and math.isfinite(col_mm) and row_mm > 0 and col_mm > 0):
         raise StudyError(
             ErrorCode.INVALID_GEOMETRY,
-            f"Pixel spacing {row_mm} x {col_mm} mm is not a positive size; "
-            "check the PixelSpacing of the series.",
+            f"Pixel spacing {row_mm} x {col_mm} mm is not a positive size; check the PixelSpacing of the series.",
         )
     return row_mm, col_mm
 
@@ -186,9 +183,7 @@ def _intracranial_slice(
     regrown = np.asarray(cv2.dilate(enclosed, bridge), dtype=np.uint8)[pad:-pad, pad:-pad]
     space: MaskArray = (regrown & (1 - bone)).astype(np.uint8)
     if erosion.size > 1:
-        space = np.asarray(
-            cv2.erode(space, erosion, borderType=cv2.BORDER_CONSTANT, borderValue=0), dtype=np.uint8
-        )
+        space = np.asarray(cv2.erode(space, erosion, borderType=cv2.BORDER_CONSTANT, borderValue=0), dtype=np.uint8)
     if not space.any():
         return space
     n, labels, stats, _ = cv2.connectedComponentsWithStats(space, connectivity=8)

@@ -68,8 +68,7 @@ _NEVER_CANDIDATE = (ErrorCode.NO_CT_SERIES, ErrorCode.ONLY_DERIVED, ErrorCode.ON
 _MESSAGE_HEAD = {
     ErrorCode.NO_CT_SERIES: "no CT image series in the study",
     ErrorCode.ONLY_DERIVED: (
-        "only derived or secondary images (screenshots, dose reports) in the study; "
-        "export the axial CT series"
+        "only derived or secondary images (screenshots, dose reports) in the study; export the axial CT series"
     ),
     ErrorCode.ONLY_LOCALIZERS: "only localizer (scout) images in the study; export the axial CT series",
     ErrorCode.MULTIFRAME_UNSUPPORTED: (
@@ -155,9 +154,7 @@ def summarise(headers: Sequence[DicomHeader]) -> SeriesSummary:
     )
 
 
-def evaluate_series(
-    headers: Sequence[DicomHeader], *, rules: SelectionRules
-) -> UsableSeries | RejectedSeries:
+def evaluate_series(headers: Sequence[DicomHeader], *, rules: SelectionRules) -> UsableSeries | RejectedSeries:
     """Apply the rules (module docstring) to the images of one series."""
     summary = summarise(headers)
 
@@ -175,9 +172,7 @@ def evaluate_series(
         return reject(ErrorCode.ONLY_LOCALIZERS, "localizer (ImageType contains LOCALIZER)")
 
     multiframe = [h for h in headers if (h.number_of_frames or 1) > 1]
-    if multiframe or any(
-        h.sop_class_uid in (ENHANCED_CT_STORAGE, LEGACY_ENHANCED_CT_STORAGE) for h in headers
-    ):
+    if multiframe or any(h.sop_class_uid in (ENHANCED_CT_STORAGE, LEGACY_ENHANCED_CT_STORAGE) for h in headers):
         frames = max((h.number_of_frames or 1) for h in headers)
         return reject(
             ErrorCode.MULTIFRAME_UNSUPPORTED,
@@ -191,18 +186,14 @@ def evaluate_series(
     largest = max(r * c for r, c in sizes)
     if largest > rules.max_slice_pixels:
         r, c = max(sizes, key=lambda rc: rc[0] * rc[1])
-        return reject(
-            ErrorCode.TOO_LARGE, f"{r}x{c} pixels per slice, at most {rules.max_slice_pixels} accepted"
-        )
+        return reject(ErrorCode.TOO_LARGE, f"{r}x{c} pixels per slice, at most {rules.max_slice_pixels} accepted")
     if len(sizes) > 1:
         listed = ", ".join(f"{r}x{c}" for r, c in sorted(sizes))
         return reject(ErrorCode.INCONSISTENT_GEOMETRY, f"slices differ in rows x columns ({listed})")
 
     no_pixels = sum(1 for h in headers if not h.has_pixel_data)
     if no_pixels:
-        return reject(
-            ErrorCode.MISSING_PIXEL_DATA, f"{no_pixels} of {len(headers)} images have no pixel data"
-        )
+        return reject(ErrorCode.MISSING_PIXEL_DATA, f"{no_pixels} of {len(headers)} images have no pixel data")
 
     geometry_problem = _geometry_problem(headers)
     if geometry_problem is not None:
@@ -235,9 +226,7 @@ def evaluate_series(
     if n > rules.max_slices:
         return reject(ErrorCode.TOO_LARGE, f"{n} slices, at most {rules.max_slices} accepted")
     if n < rules.min_slices:
-        return reject(
-            ErrorCode.TOO_FEW_SLICES, f"{n} slice{'s' if n != 1 else ''}, at least {rules.min_slices} needed"
-        )
+        return reject(ErrorCode.TOO_FEW_SLICES, f"{n} slice{'s' if n != 1 else ''}, at least {rules.min_slices} needed")
 
     thickness = summary.slice_thickness_mm
     if thickness is None or thickness <= 0:

@@ -104,7 +104,9 @@ class Settings:
     )
     # --- series selection ----------------------------------------------------------------
     series_max_tilt_deg: float = _setting(
-        "ICHVOL_SERIES_MAX_TILT_DEG", 30.0, "Largest angle between slice normal and patient z for an axial series."
+        "ICHVOL_SERIES_MAX_TILT_DEG",
+        30.0,
+        "Largest angle between slice normal and patient z for an axial series.",
     )
     series_min_slices: int = _setting("ICHVOL_SERIES_MIN_SLICES", 5, "Series with fewer slices are rejected.")
     series_preferred_thickness_mm: float = _setting(

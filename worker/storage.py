@@ -132,9 +132,7 @@ class ObjectStore(Protocol):
         """``"s3://bucket/key"`` or ``"file:///abs/path"``."""
         ...
 
-    def download_prefix(
-        self, prefix: str, dest_dir: Path, *, keys: Sequence[str] | None = None
-    ) -> list[Path]:
+    def download_prefix(self, prefix: str, dest_dir: Path, *, keys: Sequence[str] | None = None) -> list[Path]:
         """Download the folder ``prefix`` (or only ``keys`` below it) into ``dest_dir``.
 
         Every key is checked with :func:`safe_relative_path` before anything is written;
@@ -228,9 +226,7 @@ def _plan_downloads(keys: Iterable[str], prefix: str, dest_dir: Path) -> list[tu
     return planned
 
 
-def _download_prefix(
-    store: ObjectStore, prefix: str, dest_dir: Path, keys: Sequence[str] | None
-) -> list[Path]:
+def _download_prefix(store: ObjectStore, prefix: str, dest_dir: Path, keys: Sequence[str] | None) -> list[Path]:
     folder = _folder_prefix(prefix)
     if keys is None:
         keys = [info.key for info in store.iter_objects(folder)]
@@ -335,9 +331,7 @@ def map_s3_error(exc: BaseException, *, what: str) -> IchvolError | None:
             )
         return StorageError(f"S3 error for {what}: {code or status}", s3_code=code or None)
     if isinstance(exc, bce.NoCredentialsError | bce.PartialCredentialsError):
-        return StorageError(
-            f"no usable S3 credentials for {what}: set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY"
-        )
+        return StorageError(f"no usable S3 credentials for {what}: set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY")
     if isinstance(
         exc,
         bce.ConnectionError
@@ -427,18 +421,14 @@ class S3Store:
 
         def run() -> None:
             with open(src, "rb") as fh:
-                self.client.upload_fileobj(
-                    fh, self.bucket, key, ExtraArgs=extra, Config=self._transfer_config()
-                )
+                self.client.upload_fileobj(fh, self.bucket, key, ExtraArgs=extra, Config=self._transfer_config())
 
         self._call(self.uri(key), run)
         return self.uri(key)
 
     def put_bytes(self, key: str, data: bytes, *, content_type: str | None = None) -> str:
         extra: dict[str, Any] = {"ContentType": content_type} if content_type else {}
-        self._call(
-            self.uri(key), lambda: self.client.put_object(Bucket=self.bucket, Key=key, Body=data, **extra)
-        )
+        self._call(self.uri(key), lambda: self.client.put_object(Bucket=self.bucket, Key=key, Body=data, **extra))
         return self.uri(key)
 
     def exists(self, key: str) -> bool:
@@ -451,9 +441,7 @@ class S3Store:
     def delete(self, key: str) -> None:
         self._call(self.uri(key), lambda: self.client.delete_object(Bucket=self.bucket, Key=key))
 
-    def download_prefix(
-        self, prefix: str, dest_dir: Path, *, keys: Sequence[str] | None = None
-    ) -> list[Path]:
+    def download_prefix(self, prefix: str, dest_dir: Path, *, keys: Sequence[str] | None = None) -> list[Path]:
         return _download_prefix(self, prefix, dest_dir, keys)
 
 
@@ -580,9 +568,7 @@ class LocalStore:
         with self._errors(key):
             self._path(key).unlink(missing_ok=True)
 
-    def download_prefix(
-        self, prefix: str, dest_dir: Path, *, keys: Sequence[str] | None = None
-    ) -> list[Path]:
+    def download_prefix(self, prefix: str, dest_dir: Path, *, keys: Sequence[str] | None = None) -> list[Path]:
         return _download_prefix(self, prefix, dest_dir, keys)
 
 

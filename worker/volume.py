@@ -84,15 +84,12 @@ def _check_mask(mask: np.ndarray) -> None:
 
 def _check_spacing(pixel_spacing_mm: tuple[float, float]) -> tuple[float, float]:
     if len(pixel_spacing_mm) != 2:
-        raise ValueError(
-            f"pixel_spacing_mm must be (between rows, between columns), got {pixel_spacing_mm!r}"
-        )
+        raise ValueError(f"pixel_spacing_mm must be (between rows, between columns), got {pixel_spacing_mm!r}")
     row_mm, col_mm = (float(v) for v in pixel_spacing_mm)
     if not (np.isfinite(row_mm) and np.isfinite(col_mm) and row_mm > 0 and col_mm > 0):
         raise StudyError(
             ErrorCode.INVALID_GEOMETRY,
-            f"Pixel spacing {row_mm} x {col_mm} mm is not a positive size; "
-            "check the PixelSpacing of the series.",
+            f"Pixel spacing {row_mm} x {col_mm} mm is not a positive size; check the PixelSpacing of the series.",
         )
     return row_mm, col_mm
 
@@ -104,8 +101,7 @@ def _check_slabs(slab_thickness_mm: np.ndarray, n_slices: int) -> FloatVector:
     if not (np.all(np.isfinite(slabs)) and np.all(slabs > 0)):
         raise StudyError(
             ErrorCode.INVALID_GEOMETRY,
-            "A slice has no positive thickness (two slices at the same position?); "
-            "check the slice positions.",
+            "A slice has no positive thickness (two slices at the same position?); check the slice positions.",
         )
     return slabs
 

@@ -67,9 +67,7 @@ REQUIRED_VARIABLES = frozenset(
     }
 )
 # The secrets the Secret template must carry.
-SECRET_VARIABLES = frozenset(
-    {"ICHVOL_DATABASE_URL", "ICHVOL_BROKER_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
-)
+SECRET_VARIABLES = frozenset({"ICHVOL_DATABASE_URL", "ICHVOL_BROKER_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"})
 
 # The command-line contract (docs/deployment.md).
 WORKER_ARGV = (
@@ -256,9 +254,7 @@ def compose_problems(compose: Mapping[str, Any]) -> list[str]:
     for name, svc in ours.items():
         env = compose_environment(svc)
         for var in sorted(set(env) - set(known)):
-            problems.append(
-                f"compose: service {name} sets {var}, which is not a variable of worker/settings.py"
-            )
+            problems.append(f"compose: service {name} sets {var}, which is not a variable of worker/settings.py")
         problems += settings_problems(env, where=f"compose service {name}")
 
     roles = _compose_roles(ours)
@@ -277,18 +273,12 @@ def compose_problems(compose: Mapping[str, Any]) -> list[str]:
         svc = services[name]
         env = compose_environment(svc)
         queue = env.get("ICHVOL_QUEUE", settings_default("ICHVOL_QUEUE"))
-        problems += worker_argv_problems(
-            compose_argv(svc.get("command")), queue=queue, where=f"compose {name}"
-        )
+        problems += worker_argv_problems(compose_argv(svc.get("command")), queue=queue, where=f"compose {name}")
         hard_s = float(env.get("ICHVOL_HARD_TIME_LIMIT_S", settings_default("ICHVOL_HARD_TIME_LIMIT_S")))
         grace = svc.get("stop_grace_period")
         if grace is None or _parse_duration_s(str(grace)) <= hard_s:
-            problems.append(
-                f"compose: {name} stop_grace_period {grace} is not above the hard time limit {hard_s} s"
-            )
-        devices = (((svc.get("deploy") or {}).get("resources") or {}).get("reservations") or {}).get(
-            "devices"
-        ) or []
+            problems.append(f"compose: {name} stop_grace_period {grace} is not above the hard time limit {hard_s} s")
+        devices = (((svc.get("deploy") or {}).get("resources") or {}).get("reservations") or {}).get("devices") or []
         if not any("gpu" in (device.get("capabilities") or []) for device in devices):
             problems.append(f"compose: {name} reserves no GPU (deploy.resources.reservations.devices)")
         test = _healthcheck_text(svc)
@@ -348,9 +338,7 @@ def _compose_health_problems(services: Mapping[str, Any]) -> list[str]:
         health = svc.get("healthcheck") or {}
         if not _one_shot(svc) and (not health.get("test") or health.get("disable")):
             problems.append(f"compose: service {name} has no health check")
-        for dep, spec in (
-            (svc.get("depends_on") or {}).items() if isinstance(svc.get("depends_on"), dict) else []
-        ):
+        for dep, spec in (svc.get("depends_on") or {}).items() if isinstance(svc.get("depends_on"), dict) else []:
             if dep not in services:
                 problems.append(f"compose: {name} depends on unknown service {dep}")
                 continue
@@ -385,9 +373,7 @@ def _compose_wiring_problems(services: Mapping[str, Any]) -> list[str]:
         )
         actual = (db.hostname, db.port, db.username, db.password, db.path.lstrip("/"))
         if expected != actual:
-            problems.append(
-                f"compose: ICHVOL_DATABASE_URL {actual} does not match service {pg[0]} {expected}"
-            )
+            problems.append(f"compose: ICHVOL_DATABASE_URL {actual} does not match service {pg[0]} {expected}")
 
     broker = urlsplit(env.get("ICHVOL_BROKER_URL", ""))
     redis_name = next((n for n, s in services.items() if str(s.get("image", "")).startswith("redis:")), None)
@@ -404,9 +390,7 @@ def _compose_wiring_problems(services: Mapping[str, Any]) -> list[str]:
             problems.append(f"compose: ICHVOL_S3_ENDPOINT_URL does not point at service {minio[0]} port 9000")
         credentials = (env.get("AWS_ACCESS_KEY_ID"), env.get("AWS_SECRET_ACCESS_KEY"))
         if credentials != (minio_env.get("MINIO_ROOT_USER"), minio_env.get("MINIO_ROOT_PASSWORD")):
-            problems.append(
-                "compose: AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY do not match MinIO's root credentials"
-            )
+            problems.append("compose: AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY do not match MinIO's root credentials")
 
     makers = [s for s in services.values() if "minio/mc:" in str(s.get("image", ""))]
     script = " ".join(" ".join(compose_argv(s.get("command"))) for s in makers)
@@ -424,9 +408,7 @@ def _compose_image_problems(services: Mapping[str, Any]) -> list[str]:
         if runs_ichvol(svc):
             tag = image.rpartition(":")[2]
             if tag != package_version():
-                problems.append(
-                    f"compose: {name} image tag {tag!r} is not the package version {package_version()}"
-                )
+                problems.append(f"compose: {name} image tag {tag!r} is not the package version {package_version()}")
             dockerfile = (svc.get("build") or {}).get("dockerfile")
             if dockerfile and not (REPO_ROOT / dockerfile).is_file():
                 problems.append(f"compose: {name} builds from missing {dockerfile}")
@@ -586,9 +568,7 @@ def k8s_problems(resources: list[Resource], secret_template: Resource) -> list[s
             refs = {("configMap", s["configMapRef"]["name"]) for s in sources if "configMapRef" in s}
             refs |= {("secret", s["secretRef"]["name"]) for s in sources if "secretRef" in s}
             if refs != {("configMap", CONFIGMAP_NAME), ("secret", SECRET_NAME)}:
-                problems.append(
-                    f"{cwhere}: envFrom must be ConfigMap {CONFIGMAP_NAME} and Secret {SECRET_NAME}"
-                )
+                problems.append(f"{cwhere}: envFrom must be ConfigMap {CONFIGMAP_NAME} and Secret {SECRET_NAME}")
             available |= set(config_data) | set(secret_data)
             for item in container.get("env") or []:
                 name = item.get("name")
@@ -631,9 +611,7 @@ def k8s_problems(resources: list[Resource], secret_template: Resource) -> list[s
             problems.append("k8s: the scheduler's readiness probe is not `ichvol check`")
 
     jobs = [r for r in resources if r.get("kind") == "Job"]
-    if not any(
-        tuple(container_argv(c)) == MIGRATE_ARGV for j in jobs for c in all_containers(pod_spec(j) or {})
-    ):
+    if not any(tuple(container_argv(c)) == MIGRATE_ARGV for j in jobs for c in all_containers(pod_spec(j) or {})):
         problems.append(f"k8s: no Job runs `{' '.join(MIGRATE_ARGV)}`")
 
     problems += _flower_problems(resources)
@@ -666,9 +644,7 @@ def _worker_problems(worker: Resource, config_data: Mapping[str, str]) -> list[s
     limits = (container.get("resources") or {}).get("limits") or {}
     requests = (container.get("resources") or {}).get("requests") or {}
     if str(limits.get(GPU_RESOURCE)) != "1" or str(requests.get(GPU_RESOURCE, 1)) != "1":
-        problems.append(
-            f"k8s: the worker must ask for exactly one {GPU_RESOURCE} (limits, and requests if set)"
-        )
+        problems.append(f"k8s: the worker must ask for exactly one {GPU_RESOURCE} (limits, and requests if set)")
     if not spec.get("nodeSelector") and not spec.get("affinity"):
         problems.append("k8s: the worker has no node selector or affinity for GPU nodes")
     if not any(t.get("key") == GPU_RESOURCE for t in spec.get("tolerations") or []):
@@ -679,27 +655,18 @@ def _worker_problems(worker: Resource, config_data: Mapping[str, str]) -> list[s
 def _flower_problems(resources: list[Resource]) -> list[str]:
     problems: list[str] = []
     flower = next(
-        (
-            r
-            for r in resources
-            for c in all_containers(pod_spec(r) or {})
-            if tuple(container_argv(c)) == FLOWER_ARGV
-        ),
+        (r for r in resources for c in all_containers(pod_spec(r) or {}) if tuple(container_argv(c)) == FLOWER_ARGV),
         None,
     )
     if flower is None:
         return [f"k8s: nothing runs `{' '.join(FLOWER_ARGV)}`"]
-    container = next(
-        c for c in all_containers(pod_spec(flower) or {}) if tuple(container_argv(c)) == FLOWER_ARGV
-    )
+    container = next(c for c in all_containers(pod_spec(flower) or {}) if tuple(container_argv(c)) == FLOWER_ARGV)
     ports = {p.get("name"): p.get("containerPort") for p in container.get("ports") or []}
     if FLOWER_PORT not in ports.values():
         problems.append(f"k8s: flower does not declare containerPort {FLOWER_PORT}")
     services = [r for r in resources if r.get("kind") == "Service"]
     matching = [
-        s
-        for s in services
-        if _selector_matches({"matchLabels": s["spec"].get("selector")}, pod_labels(flower))
+        s for s in services if _selector_matches({"matchLabels": s["spec"].get("selector")}, pod_labels(flower))
     ]
     if not matching:
         problems.append("k8s: no Service selects the flower pods")
@@ -707,9 +674,7 @@ def _flower_problems(resources: list[Resource]) -> list[str]:
         for port in service["spec"].get("ports") or []:
             target = port.get("targetPort", port.get("port"))
             if ports.get(target, target) != FLOWER_PORT:
-                problems.append(
-                    f"k8s: Service {service['metadata']['name']} targets {target}, not {FLOWER_PORT}"
-                )
+                problems.append(f"k8s: Service {service['metadata']['name']} targets {target}, not {FLOWER_PORT}")
     return problems
 
 
@@ -734,9 +699,7 @@ def _scaledobject_problems(resources: list[Resource], config_data: Mapping[str, 
         if aimed is None:
             problems.append(f"k8s: ScaledObject targets missing {kind}/{target.get('name')}")
         elif "replicas" in (aimed.get("spec") or {}):
-            problems.append(
-                f"k8s: {kind}/{target.get('name')} sets replicas, which would fight the autoscaler"
-            )
+            problems.append(f"k8s: {kind}/{target.get('name')} sets replicas, which would fight the autoscaler")
         for trigger in spec.get("triggers") or []:
             if trigger.get("type") == "redis" and (trigger.get("metadata") or {}).get("listName") != queue:
                 problems.append(

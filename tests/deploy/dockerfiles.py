@@ -64,9 +64,7 @@ def stages(text: str) -> list[Stage]:
         elif item.keyword == "FROM":
             words = item.arguments.split()
             words = [w for w in words if not w.startswith("--platform")]
-            base = re.sub(
-                r"\$\{(\w+)\}|\$(\w+)", lambda m: global_args.get(m.group(1) or m.group(2), ""), words[0]
-            )
+            base = re.sub(r"\$\{(\w+)\}|\$(\w+)", lambda m: global_args.get(m.group(1) or m.group(2), ""), words[0])
             stage_name = words[2] if len(words) >= 3 and words[1].upper() == "AS" else None
             result.append(Stage(base=base, name=stage_name))
         elif result:

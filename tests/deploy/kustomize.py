@@ -120,9 +120,7 @@ def _render(folder: Path, *, stack: tuple[Path, ...]) -> list[Resource]:
 
     for entry in kustomization.get("patches") or []:
         if not isinstance(entry, dict) or set(entry) != {"path"}:
-            raise KustomizeError(
-                f"{kfile}: only patches of the form {{path: FILE}} are supported, got {entry!r}"
-            )
+            raise KustomizeError(f"{kfile}: only patches of the form {{path: FILE}} are supported, got {entry!r}")
         patch_path = folder / entry["path"]
         if not patch_path.is_file():
             raise KustomizeError(f"{kfile}: patch {entry['path']!r} does not exist")

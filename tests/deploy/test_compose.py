@@ -167,18 +167,14 @@ def stale_image_tag(c: Compose) -> None:
         (stale_image_tag, "package version"),
     ],
 )
-def test_consistency_check_catches(
-    compose: Compose, mutate: Callable[[Compose], None], expected: str
-) -> None:
+def test_consistency_check_catches(compose: Compose, mutate: Callable[[Compose], None], expected: str) -> None:
     broken = copy.deepcopy(compose)
     mutate(broken)
     problems = checks.compose_problems(broken)
     assert any(expected in p for p in problems), problems
 
 
-def test_a_setting_renamed_in_the_code_breaks_the_check(
-    compose: Compose, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_setting_renamed_in_the_code_breaks_the_check(compose: Compose, monkeypatch: pytest.MonkeyPatch) -> None:
     renamed = {k: v for k, v in checks.settings_variables().items() if k != "ICHVOL_BROKER_URL"}
     monkeypatch.setattr(checks, "settings_variables", lambda: renamed)
     assert any("ICHVOL_BROKER_URL is not a variable" in p for p in checks.compose_problems(compose))

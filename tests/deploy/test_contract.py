@@ -30,9 +30,7 @@ def test_the_ichvol_console_script_exists() -> None:
 
 def test_the_subcommands_the_deployment_runs_exist() -> None:
     if importlib.util.find_spec("worker.cli") is None:
-        pytest.skip(
-            "worker/cli.py is not written yet (the lead's); `ichvol scheduler`/`ichvol check` unchecked"
-        )
+        pytest.skip("worker/cli.py is not written yet (the lead's); `ichvol scheduler`/`ichvol check` unchecked")
     from worker.cli import build_parser  # type: ignore[import-not-found,unused-ignore]
 
     try:

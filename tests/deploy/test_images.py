@@ -95,9 +95,7 @@ def test_scheduler_image_has_no_tensorflow() -> None:
 def test_scheduler_image_carries_the_migrations_where_alembic_looks() -> None:
     final = image_stages("scheduler")[-1]
     workdir = final.all("WORKDIR")[-1].arguments
-    copied = {
-        tuple(copy_sources(i)[0]): copy_sources(i)[1] for i in final.all("COPY") if copy_sources(i)[2] is None
-    }
+    copied = {tuple(copy_sources(i)[0]): copy_sources(i)[1] for i in final.all("COPY") if copy_sources(i)[2] is None}
     assert copied == {("alembic.ini",): "./", ("migrations",): "./migrations"}
     assert workdir == "/app"
 
@@ -111,9 +109,7 @@ def test_default_commands_follow_the_contract() -> None:
 
 
 @pytest.mark.parametrize("role", sorted(DOCKERFILES))
-def test_copied_sources_exist_and_are_in_the_build_context(
-    role: str, ignore_patterns: list[IgnorePattern]
-) -> None:
+def test_copied_sources_exist_and_are_in_the_build_context(role: str, ignore_patterns: list[IgnorePattern]) -> None:
     for stage in image_stages(role):
         for item in stage.all("COPY") + stage.all("ADD"):
             sources, _, from_stage = copy_sources(item)

@@ -103,9 +103,7 @@ def test_strategic_merge_merges_containers_and_env_by_name(base: Path, tmp_path:
         },
     }
     write(overlay, "patch.yaml", patch)
-    write(
-        overlay, "kustomization.yaml", kustomization(resources=["../base"], patches=[{"path": "patch.yaml"}])
-    )
+    write(overlay, "kustomization.yaml", kustomization(resources=["../base"], patches=[{"path": "patch.yaml"}]))
     rendered = render(overlay)[0]
     assert rendered["spec"]["replicas"] == 3
     main, side = rendered["spec"]["template"]["spec"]["containers"]
@@ -124,9 +122,7 @@ def test_custom_resources_are_json_merge_patched(base: Path, tmp_path: Path) -> 
     patch = scaled_object()
     patch["spec"] = {"maxReplicaCount": 9, "triggers": [{"type": "redis", "metadata": {"a": "10"}}]}
     write(overlay, "patch.yaml", patch)
-    write(
-        overlay, "kustomization.yaml", kustomization(resources=["../base"], patches=[{"path": "patch.yaml"}])
-    )
+    write(overlay, "kustomization.yaml", kustomization(resources=["../base"], patches=[{"path": "patch.yaml"}]))
     spec = render(overlay)[1]["spec"]
     assert spec["maxReplicaCount"] == 9
     assert spec["triggers"] == [{"type": "redis", "metadata": {"a": "10"}}]  # the list is replaced whole
@@ -143,9 +139,7 @@ def test_null_in_a_patch_deletes_the_key() -> None:
 def test_service_ports_merge_on_port_not_container_port() -> None:
     target = {"spec": {"ports": [{"port": 80, "targetPort": "http"}]}}
     patch = {"spec": {"ports": [{"port": 80, "targetPort": 8080}]}}
-    assert strategic_merge(target, patch, kind="Service") == {
-        "spec": {"ports": [{"port": 80, "targetPort": 8080}]}
-    }
+    assert strategic_merge(target, patch, kind="Service") == {"spec": {"ports": [{"port": 80, "targetPort": 8080}]}}
 
 
 def test_images_rewrite_name_and_tag_in_containers_and_init_containers(base: Path, tmp_path: Path) -> None:
@@ -162,9 +156,7 @@ def test_images_digest_replaces_the_tag(base: Path, tmp_path: Path) -> None:
     overlay = tmp_path / "overlay"
     images = [{"name": "app", "digest": "sha256:" + "a" * 64}]
     write(overlay, "kustomization.yaml", kustomization(resources=["../base"], images=images))
-    assert (
-        render(overlay)[0]["spec"]["template"]["spec"]["containers"][0]["image"] == "app@sha256:" + "a" * 64
-    )
+    assert render(overlay)[0]["spec"]["template"]["spec"]["containers"][0]["image"] == "app@sha256:" + "a" * 64
 
 
 @pytest.mark.parametrize(

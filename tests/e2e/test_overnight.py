@@ -27,7 +27,10 @@ from worker.tables import Result, Run, RunState, Study
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration, pytest.mark.slow]
 
-PHANTOMS = {"round-18ml": LesionSpec("round", volume_ml=18.0, mean_hu=86), "lobes-25ml": LesionSpec("irregular", volume_ml=25.0, mean_hu=86)}
+PHANTOMS = {
+    "round-18ml": LesionSpec("round", volume_ml=18.0, mean_hu=86),
+    "lobes-25ml": LesionSpec("irregular", volume_ml=25.0, mean_hu=86),
+}
 
 
 def upload(bucket: S3Bucket, folder: Path, prefix: str, *, marker: bool = True) -> None:
@@ -66,8 +69,15 @@ def test_bucket_to_database_with_a_real_worker(
     truths = {}
     for i, (name, lesion) in enumerate(PHANTOMS.items()):
         spec = PhantomSpec(
-            rows=64, columns=64, pixel_spacing_mm=(3.6, 3.6), n_slices=18, lesions=(lesion,),
-            noise_sigma_hu=2.0, calcifications=False, patient_name="Zyxwvut^Qqqq", patient_id=f"E2E-{i}",
+            rows=64,
+            columns=64,
+            pixel_spacing_mm=(3.6, 3.6),
+            n_slices=18,
+            lesions=(lesion,),
+            noise_sigma_hu=2.0,
+            calcifications=False,
+            patient_name="Zyxwvut^Qqqq",
+            patient_id=f"E2E-{i}",
         )
         truths[name] = generate_study(tmp_path / name, spec=spec, seed=10 + i)
         upload(s3_bucket, tmp_path / name, f"exports/{name}/")
@@ -98,7 +108,13 @@ def test_bucket_to_database_with_a_real_worker(
             assert study.study_instance_uid == truth.study_instance_uid and study.patient_id.startswith("E2E-")
             assert result.series_instance_uid == truth.series_instance_uid
             assert result.volume_ml == pytest.approx(truth.mask_volume_ml, rel=0.08), name
-            for uri in (result.result_uri, result.mask_npz_uri, result.mask_nifti_uri, result.seg_uri, result.overlay_uri):
+            for uri in (
+                result.result_uri,
+                result.mask_npz_uri,
+                result.mask_nifti_uri,
+                result.seg_uri,
+                result.overlay_uri,
+            ):
                 key = uri.removeprefix(f"s3://{s3_bucket.name}/")
                 assert s3_bucket.store.exists(key), uri
             mask_key = result.mask_npz_uri.removeprefix(f"s3://{s3_bucket.name}/")

@@ -174,9 +174,7 @@ def write_ct_series(
         assert padding_value is not None
         stored = np.where(padding_mask, padding_value, stored)
         expected = np.where(padding_mask, np.float32(-1024.0), expected).astype(np.float32)
-    low, high = (
-        (-(1 << (bits_stored - 1)), (1 << (bits_stored - 1)) - 1) if signed else (0, (1 << bits_stored) - 1)
-    )
+    low, high = (-(1 << (bits_stored - 1)), (1 << (bits_stored - 1)) - 1) if signed else (0, (1 << bits_stored) - 1)
     assert stored.min() >= low and stored.max() <= high, "stored values do not fit bits_stored"
 
     series_uid = series_instance_uid or generate_uid()
@@ -283,9 +281,7 @@ def write_secondary_capture(
     )
 
 
-def write_mr_series(
-    folder: Path, *, study_instance_uid: str | None = None, n_slices: int = 6
-) -> WrittenSeries:
+def write_mr_series(folder: Path, *, study_instance_uid: str | None = None, n_slices: int = 6) -> WrittenSeries:
     """An axial MR series: everything right except Modality and SOP class."""
     return write_ct_series(
         folder,
@@ -357,14 +353,10 @@ def encode_jpeg_lossless_sv1(values: npt.NDArray[np.integer], *, precision: int)
     def segment(marker: int, payload: bytes) -> bytes:
         return bytes([0xFF, marker]) + (len(payload) + 2).to_bytes(2, "big") + payload
 
-    return (
-        b"\xff\xd8" + segment(0xC4, dht) + segment(0xC3, sof) + segment(0xDA, sos) + bytes(data) + b"\xff\xd9"
-    )
+    return b"\xff\xd8" + segment(0xC4, dht) + segment(0xC3, sof) + segment(0xDA, sos) + bytes(data) + b"\xff\xd9"
 
 
-def _base_dataset(
-    *, sop_class_uid: str, modality: str, study_uid: str, series_uid: str, patient_id: str
-) -> Dataset:
+def _base_dataset(*, sop_class_uid: str, modality: str, study_uid: str, series_uid: str, patient_id: str) -> Dataset:
     ds = Dataset()
     ds.SpecificCharacterSet = "ISO_IR 100"
     ds.SOPClassUID = sop_class_uid

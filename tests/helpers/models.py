@@ -8,7 +8,11 @@ from worker.weights import ModelInfo
 
 
 def save_hu_band_model(
-    path: Path, *, input_size: int = 64, window: tuple[float, float] = (-20.0, 100.0), band_hu: tuple[float, float] = (48.0, 95.0),
+    path: Path,
+    *,
+    input_size: int = 64,
+    window: tuple[float, float] = (-20.0, 100.0),
+    band_hu: tuple[float, float] = (48.0, 95.0),
     version: str = "hu-band-keras-1",
 ) -> Path:
     """A two-convolution model that marks pixels within ``band_hu`` (acute blood on phantoms).
@@ -33,7 +37,12 @@ def save_hu_band_model(
     )
     model = keras.Model(inputs, keras.layers.Multiply(name="hematoma")([above, below]))
     info = ModelInfo(
-        name="HU band (test)", architecture="hu-band", dims=0, input_size=input_size, hu_window=window,
-        version=version, training_data="none: a fixed HU band for tests",
+        name="HU band (test)",
+        architecture="hu-band",
+        dims=0,
+        input_size=input_size,
+        hu_window=window,
+        version=version,
+        training_data="none: a fixed HU band for tests",
     )
     return save_model(model, path, info)

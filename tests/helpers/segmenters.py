@@ -15,12 +15,21 @@ from worker.weights import ModelInfo
 
 class HuBandSegmenter:
     def __init__(
-        self, *, input_size: int = 64, window: tuple[float, float] = (-20.0, 100.0), band_hu: tuple[float, float] = (50, 90),
+        self,
+        *,
+        input_size: int = 64,
+        window: tuple[float, float] = (-20.0, 100.0),
+        band_hu: tuple[float, float] = (50, 90),
         version: str = "hu-band-1",
     ) -> None:
         self._info = ModelInfo(
-            name="HU band (test)", architecture="hu-band", dims=0, input_size=input_size, hu_window=window,
-            version=version, sha256="0" * 64,
+            name="HU band (test)",
+            architecture="hu-band",
+            dims=0,
+            input_size=input_size,
+            hu_window=window,
+            version=version,
+            sha256="0" * 64,
         )
         low, high = window
         self._band = tuple((b - low) / (high - low) * 2 - 1 for b in band_hu)

@@ -43,9 +43,7 @@ def normal_of(row_cosine: Vec3, column_cosine: Vec3) -> npt.NDArray[np.float64]:
     return unit
 
 
-def slab_thickness_mm(
-    positions_mm: Sequence[float] | np.ndarray, *, single_mm: float = 5.0
-) -> npt.NDArray[np.float64]:
+def slab_thickness_mm(positions_mm: Sequence[float] | np.ndarray, *, single_mm: float = 5.0) -> npt.NDArray[np.float64]:
     """Half the gap to each neighbour; end slices their single gap; one slice: ``single_mm``."""
     pos = np.asarray(positions_mm, dtype=np.float64)
     if pos.size == 1:
@@ -198,9 +196,7 @@ def ct_series_from_files(
     Returns the CtSeries (HU from the pixel data, or zeros with ``stop_before_pixels``) and
     the datasets in the same sorted order.
     """
-    datasets: list[pydicom.Dataset] = [
-        pydicom.dcmread(p, stop_before_pixels=stop_before_pixels) for p in paths
-    ]
+    datasets: list[pydicom.Dataset] = [pydicom.dcmread(p, stop_before_pixels=stop_before_pixels) for p in paths]
     iop = [float(v) for v in datasets[0].ImageOrientationPatient]
     row_cosine: Vec3 = (iop[0], iop[1], iop[2])
     column_cosine: Vec3 = (iop[3], iop[4], iop[5])
@@ -217,10 +213,7 @@ def ct_series_from_files(
         hu = np.zeros((len(sorted_ds), rows, columns), dtype=np.float32)
     else:
         hu = np.stack(
-            [
-                d.pixel_array.astype(np.float32) * float(d.RescaleSlope) + float(d.RescaleIntercept)
-                for d in sorted_ds
-            ]
+            [d.pixel_array.astype(np.float32) * float(d.RescaleSlope) + float(d.RescaleIntercept) for d in sorted_ds]
         )
     spacing = tuple(float(v) for v in sorted_ds[0].PixelSpacing)
     series_uid = str(sorted_ds[0].SeriesInstanceUID)

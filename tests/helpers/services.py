@@ -106,9 +106,7 @@ def pg_admin_url(database: str = "postgres") -> str:
 def _pg_admin_connection() -> Any:
     import psycopg2
 
-    connection = psycopg2.connect(
-        host=PG_HOST, port=PG_PORT, user=PG_USER, dbname="postgres", connect_timeout=5
-    )
+    connection = psycopg2.connect(host=PG_HOST, port=PG_PORT, user=PG_USER, dbname="postgres", connect_timeout=5)
     connection.autocommit = True
     return connection
 
@@ -209,9 +207,7 @@ def redis_server() -> str:
     """Makes sure Redis answers on 127.0.0.1:6379; returns its base URL."""
     if not _port_open(REDIS_HOST, REDIS_PORT):
         if shutil.which("redis-server") is None:
-            pytest.fail(
-                f"Redis is not running on {REDIS_HOST}:{REDIS_PORT} and redis-server is not installed"
-            )
+            pytest.fail(f"Redis is not running on {REDIS_HOST}:{REDIS_PORT} and redis-server is not installed")
         done = _run(
             [
                 "redis-server",
@@ -451,9 +447,7 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
                 _stop(process, ports)
             return
         _stop(process, ports)
-    pytest.fail(
-        f"SeaweedFS did not start within {START_TIMEOUT_S:.0f} s; log:\n{_tail(last_log)}", pytrace=False
-    )
+    pytest.fail(f"SeaweedFS did not start within {START_TIMEOUT_S:.0f} s; log:\n{_tail(last_log)}", pytrace=False)
 
 
 @dataclass(frozen=True)

@@ -41,7 +41,9 @@ def settings_env(settings: Settings, **extra: str) -> dict[str, str]:
 class CeleryWorker:
     """``celery -A worker worker`` as a subprocess, logging to ``log_path``."""
 
-    def __init__(self, settings: Settings, log_path: Path, *, concurrency: int = 1, extra_args: list[str] | None = None):
+    def __init__(
+        self, settings: Settings, log_path: Path, *, concurrency: int = 1, extra_args: list[str] | None = None
+    ):
         self.settings = settings
         self.hostname = f"e2e-{uuid.uuid4().hex[:8]}@%h"
         self.log_path = log_path
@@ -59,10 +61,24 @@ class CeleryWorker:
     def start(self, *, timeout_s: float = 90.0) -> CeleryWorker:
         self._log = self.log_path.open("ab")
         self.process = subprocess.Popen(
-            [str(BIN / "celery"), "-A", "worker", "worker", "--loglevel=INFO", f"--queues={self.settings.queue_name}",
-             f"--concurrency={self.concurrency}", "--pool=prefork", f"--hostname={self.hostname}",
-             "--without-gossip", "--without-mingle", *self.extra_args],
-            cwd=REPO_ROOT, env=settings_env(self.settings), stdout=self._log, stderr=subprocess.STDOUT,
+            [
+                str(BIN / "celery"),
+                "-A",
+                "worker",
+                "worker",
+                "--loglevel=INFO",
+                f"--queues={self.settings.queue_name}",
+                f"--concurrency={self.concurrency}",
+                "--pool=prefork",
+                f"--hostname={self.hostname}",
+                "--without-gossip",
+                "--without-mingle",
+                *self.extra_args,
+            ],
+            cwd=REPO_ROOT,
+            env=settings_env(self.settings),
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
             start_new_session=True,
         )
         deadline = time.monotonic() + timeout_s
@@ -77,9 +93,23 @@ class CeleryWorker:
     def inspect(self, command: str, *, timeout_s: float = 5.0) -> dict[str, Any] | None:
         """``celery -A worker inspect COMMAND -d <this worker> --json``; None if no reply."""
         proc = subprocess.run(
-            [str(BIN / "celery"), "-A", "worker", "inspect", command, "-d", self.node_name, "--json",
-             "--timeout", str(timeout_s)],
-            cwd=REPO_ROOT, env=settings_env(self.settings), capture_output=True, text=True, timeout=timeout_s + 30,
+            [
+                str(BIN / "celery"),
+                "-A",
+                "worker",
+                "inspect",
+                command,
+                "-d",
+                self.node_name,
+                "--json",
+                "--timeout",
+                str(timeout_s),
+            ],
+            cwd=REPO_ROOT,
+            env=settings_env(self.settings),
+            capture_output=True,
+            text=True,
+            timeout=timeout_s + 30,
         )
         if proc.returncode != 0:
             return None
@@ -132,7 +162,11 @@ def run_scheduler_once(settings: Settings, *, timeout_s: float = 120.0) -> str:
     """``python -m scheduler --once`` as a subprocess; returns its stdout (the counts line)."""
     proc = subprocess.run(
         [sys.executable, "-m", "scheduler", "--once"],
-        cwd=REPO_ROOT, env=settings_env(settings), capture_output=True, text=True, timeout=timeout_s,
+        cwd=REPO_ROOT,
+        env=settings_env(settings),
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
     )
     if proc.returncode != 0:
         raise RuntimeError(f"scheduler exited {proc.returncode}: {proc.stdout}\n{proc.stderr}")

@@ -46,9 +46,7 @@ def test_missing_study_folder_is_a_failed_result(tmp_path: Path, tiny_model_path
 
 def test_missing_model_file_is_one_line_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     write_ct_series(tmp_path / "study")
-    code = main(
-        ["segment", str(tmp_path / "study"), "--out", str(tmp_path / "o"), "--model", "/no/such.keras"]
-    )
+    code = main(["segment", str(tmp_path / "study"), "--out", str(tmp_path / "o"), "--model", "/no/such.keras"])
     err = capsys.readouterr().err
     assert code == 2
     assert err.strip() == "ichvol: model file /no/such.keras does not exist"
@@ -91,6 +89,4 @@ def test_real_process_prints_no_traceback(tmp_path: Path, tiny_model_path: Path)
     )
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
-    assert proc.stderr.strip() == (
-        "ichvol: none of the 1 files in the study folder is a DICOM image [no_dicom]"
-    )
+    assert proc.stderr.strip() == ("ichvol: none of the 1 files in the study folder is a DICOM image [no_dicom]")

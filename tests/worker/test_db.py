@@ -228,10 +228,8 @@ def test_one_result_per_run(sessions: sessionmaker[Session]) -> None:
         "VALUES (:study_id, 'm', 'v', 's', 'exploded')",
         "INSERT INTO runs (study_id, model_name, model_version, model_sha256, attempts) "
         "VALUES (:study_id, 'm', 'v', 's', -1)",
-        "INSERT INTO runs (study_id, model_name, model_version, model_sha256) "
-        "VALUES (:study_id + 1000, 'm', 'v', 's')",
-        "INSERT INTO studies (bucket, prefix, fingerprint, n_objects, total_bytes) "
-        "VALUES ('b', 'p', 'short', 1, 1)",
+        "INSERT INTO runs (study_id, model_name, model_version, model_sha256) VALUES (:study_id + 1000, 'm', 'v', 's')",
+        "INSERT INTO studies (bucket, prefix, fingerprint, n_objects, total_bytes) VALUES ('b', 'p', 'short', 1, 1)",
     ],
 )
 def test_database_constraints(sessions: sessionmaker[Session], sql: str) -> None:
@@ -256,9 +254,7 @@ def test_times_are_aware_utc(sessions: sessionmaker[Session]) -> None:
     before = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=5)
     paris = dt.timezone(dt.timedelta(hours=2))
     acquired = dt.datetime(2024, 3, 1, 14, 30, 15, 250000, tzinfo=paris)
-    study_id = add_study(
-        sessions, study_datetime=acquired, study_date=dt.date(2024, 3, 1), study_time=dt.time(14, 30)
-    )
+    study_id = add_study(sessions, study_datetime=acquired, study_date=dt.date(2024, 3, 1), study_time=dt.time(14, 30))
     with db.transaction(sessions) as session:
         study = session.get(Study, study_id)
         assert study is not None
@@ -406,9 +402,7 @@ def test_insert_ignore_race_gives_each_row_to_exactly_one(engine: Engine) -> Non
             for start in range(0, n_keys, 50):
                 with db.transaction(sessions) as session:
                     rows = [study_row(k) for k in keys[start : start + 50]]
-                    inserted = db.insert_ignore(
-                        session, Study, rows, conflict_columns=STUDY_KEY, returning=["prefix"]
-                    )
+                    inserted = db.insert_ignore(session, Study, rows, conflict_columns=STUDY_KEY, returning=["prefix"])
                     won[index].extend(r.prefix for r in inserted)
         except BaseException as exc:
             errors.append(exc)

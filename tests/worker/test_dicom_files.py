@@ -92,9 +92,7 @@ def test_raw_looking_garbage_is_not_dicom(tmp_path: Path) -> None:
     raw_without_uids = Dataset()
     raw_without_uids.PatientName = "X"
     raw_without_uids.Modality = "CT"
-    raw_without_uids.save_as(
-        tmp_path / "nouids", implicit_vr=True, little_endian=True, enforce_file_format=False
-    )
+    raw_without_uids.save_as(tmp_path / "nouids", implicit_vr=True, little_endian=True, enforce_file_format=False)
     assert (tmp_path / "nouids").read_bytes()[:2] == b"\x08\x00"
     err = _error(tmp_path)
     assert err.code is ErrorCode.NO_DICOM
@@ -117,9 +115,7 @@ def test_only_text_files_named_dcm_is_no_dicom(tmp_path: Path) -> None:
     assert "none of the 3 files" in err.message
 
 
-def test_too_many_files_is_refused_before_reading_any(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_too_many_files_is_refused_before_reading_any(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     write_ct_series(tmp_path, n_slices=4)
 
     def must_not_read(path: Path, *, root: Path) -> None:
@@ -189,9 +185,7 @@ def test_read_dataset_of_a_vanished_file_is_study_changed(tmp_path: Path) -> Non
     assert info.value.code is ErrorCode.STUDY_CHANGED
 
 
-def test_time_limit_while_reading_headers_is_not_swallowed(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_time_limit_while_reading_headers_is_not_swallowed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A Celery soft time limit raised inside pydicom must not turn the file into "not DICOM"."""
 
     class SoftTimeLimitExceeded(Exception):

@@ -363,9 +363,7 @@ def test_real_ge_head_with_gantry_tilt(real_ge_ct: Path) -> None:
     headers = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
     normal = series.normal
     assert np.degrees(np.arccos(normal[2])) == pytest.approx(18.5, abs=0.05)
-    by_position = sorted(
-        headers, key=lambda h: float(np.dot(np.array(h.ImagePositionPatient, float), normal))
-    )
+    by_position = sorted(headers, key=lambda h: float(np.dot(np.array(h.ImagePositionPatient, float), normal)))
     assert [s.sop_instance_uid for s in series.slices] == [h.SOPInstanceUID for h in by_position]
     gaps = np.diff(series.positions_mm)
     assert gaps.min() == pytest.approx(1.08, abs=0.01) and gaps.max() == pytest.approx(6.99, abs=0.01)

@@ -29,9 +29,7 @@ def test_slice_normal_of_axial_and_tilted_orientations() -> None:
     np.testing.assert_allclose(normal, [0.0, 0.3173047, 0.9483237], atol=1e-6)
     assert np.linalg.norm(normal) == pytest.approx(1.0)
     # Sagittal: rows along +y, columns along -z -> normal along -x.
-    np.testing.assert_allclose(
-        geometry.slice_normal(SAGITTAL[:3], SAGITTAL[3:]), [-1.0, 0.0, 0.0], atol=1e-12
-    )
+    np.testing.assert_allclose(geometry.slice_normal(SAGITTAL[:3], SAGITTAL[3:]), [-1.0, 0.0, 0.0], atol=1e-12)
 
 
 @pytest.mark.parametrize(
@@ -174,8 +172,6 @@ def test_nifti_affine_axis_codes_and_data_order(tmp_path: Path) -> None:
     (i, j, k) = np.argwhere(np.asarray(image.dataobj) == 1)[0]
     ras = nib.affines.apply_affine(image.affine, (i, j, k))
     lps_expected = (
-        np.array(written.image_positions_mm[3])
-        + 20 * 0.8 * np.array([1, 0, 0])
-        + 10 * 0.5 * np.array([0, 1, 0])
+        np.array(written.image_positions_mm[3]) + 20 * 0.8 * np.array([1, 0, 0]) + 10 * 0.5 * np.array([0, 1, 0])
     )
     np.testing.assert_allclose(ras, lps_expected * np.array([-1, -1, 1]), atol=1e-5)

@@ -40,9 +40,7 @@ def test_rescale_to_hu_applies_slope_intercept_and_padding() -> None:
 
 def test_normalise_bits_masks_unsigned_and_sign_extends_signed() -> None:
     garbage_high_bits = np.array([0xF123, 0x0FFF, 0x1000], dtype=np.uint16)
-    np.testing.assert_array_equal(
-        normalise_bits(garbage_high_bits, bits_stored=12, signed=False), [0x123, 4095, 0]
-    )
+    np.testing.assert_array_equal(normalise_bits(garbage_high_bits, bits_stored=12, signed=False), [0x123, 4095, 0])
     patterns = np.array([0x0FFF, 0x0800, 0x07FF, 0x0000], dtype=np.uint16)
     np.testing.assert_array_equal(normalise_bits(patterns, bits_stored=12, signed=True), [-1, -2048, 2047, 0])
     already = np.array([-2000, -1, 0, 3000], dtype=np.int16)
@@ -116,9 +114,7 @@ def test_padding_range_limit_in_either_order(tmp_path: Path) -> None:
     stored_hu = default_hu(1, 32, 32)
     stored_hu[0, 0, :5] = [-1024, -1020, -1014, -1013, -1000]  # stored 0, 4, 10, 11, 24 with intercept -1024
     for value, limit in ((0, 10), (10, 0)):
-        ds, _ = _one_slice(
-            tmp_path / f"{value}", hu=stored_hu, padding_value=value, padding_range_limit=limit
-        )
+        ds, _ = _one_slice(tmp_path / f"{value}", hu=stored_hu, padding_value=value, padding_range_limit=limit)
         result = to_hu(ds, label="IM1")
         np.testing.assert_array_equal(result[0, :5], [AIR_HU, AIR_HU, AIR_HU, -1013, -1000])
         assert padding_range(ds, bits_stored=12, signed=False, label="IM1") == (0, 10)
@@ -144,9 +140,7 @@ def test_real_ct_jpeg2000_lossless_equals_uncompressed() -> None:
     assert uncompressed.min() <= -1000 and uncompressed.max() > 1000
 
 
-@pytest.mark.parametrize(
-    "name", ["MR_small_RLE.dcm", "MR_small_jp2klossless.dcm", "MR_small_jpeg_ls_lossless.dcm"]
-)
+@pytest.mark.parametrize("name", ["MR_small_RLE.dcm", "MR_small_jp2klossless.dcm", "MR_small_jpeg_ls_lossless.dcm"])
 def test_bundled_compressed_files_equal_the_uncompressed_reference(name: str) -> None:
     reference = to_hu(_testdata("MR_small.dcm"), label="MR_small")
     np.testing.assert_array_equal(to_hu(_testdata(name), label=name), reference)

@@ -41,9 +41,7 @@ def test_npz_is_written_at_exactly_the_path_given(tmp_path: Path) -> None:
 
 def test_npz_refuses_a_uid_count_that_does_not_match_the_slices(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="2 SOP instance UIDs for a mask of 3 slices"):
-        write_mask_npz(
-            tmp_path / "m.npz", mask=np.zeros((3, 2, 2), dtype=np.uint8), sop_instance_uids=["1", "2"]
-        )
+        write_mask_npz(tmp_path / "m.npz", mask=np.zeros((3, 2, 2), dtype=np.uint8), sop_instance_uids=["1", "2"])
     assert not list(tmp_path.iterdir()), "nothing may be left behind"
 
 

@@ -40,9 +40,7 @@ def test_brain_window_maps_level_and_width() -> None:
     hu = np.array([-1000.0, 0.0, 20.0, 40.0, 80.0, 3000.0, np.nan])
     np.testing.assert_array_equal(brain_window_uint8(hu), [0, 0, 64, 128, 255, 255, 0])
     assert brain_window_uint8(hu).dtype == np.uint8
-    np.testing.assert_array_equal(
-        brain_window_uint8(np.array([0.0, 50.0, 100.0]), level=50, width=100), [0, 128, 255]
-    )
+    np.testing.assert_array_equal(brain_window_uint8(np.array([0.0, 50.0, 100.0]), level=50, width=100), [0, 128, 255])
 
 
 def test_header_text_states_both_volumes_and_the_disclaimer() -> None:
@@ -131,9 +129,7 @@ def test_empty_mask_still_writes_a_picture_of_evenly_spaced_slices(tmp_path: Pat
     with_blood = mask.copy()
     with_blood[2, 10:20, 10:20] = 1
     other = tmp_path / "other.png"
-    write_overlay_png(
-        other, hu=hu, mask=with_blood, volume_ml=1.0, abc2_ml=1.0, positions_mm=range(20), tile_px=64
-    )
+    write_overlay_png(other, hu=hu, mask=with_blood, volume_ml=1.0, abc2_ml=1.0, positions_mm=range(20), tile_px=64)
     other_image = _read(other)
     assert (image.shape[0] - 64) - (other_image.shape[0] - 64) == 24
 

@@ -30,9 +30,7 @@ def test_small_components_are_measured_with_the_slab_rule() -> None:
     mask[0, 2:4, 2:7] = 1  # 10 px on a 10 mm slab: 100 mm^3 = 0.1 mL
     mask[3, 10:12, 10:15] = 1  # 10 px on a 1 mm slab: 10 mm^3 = 0.01 mL
     slabs = np.array([10.0, 5.0, 3.0, 1.0])
-    out = remove_small_components(
-        mask, pixel_spacing_mm=(1.0, 1.0), slab_thickness_mm=slabs, min_volume_ml=0.05
-    )
+    out = remove_small_components(mask, pixel_spacing_mm=(1.0, 1.0), slab_thickness_mm=slabs, min_volume_ml=0.05)
     assert out.dtype == np.uint8
     assert out[0].sum() == 10
     assert out[3].sum() == 0
@@ -65,9 +63,7 @@ def test_component_of_exactly_the_minimum_volume_is_kept() -> None:
 def test_zero_minimum_keeps_everything_as_zero_one() -> None:
     mask = np.zeros((1, 4, 4), dtype=np.uint8)
     mask[0, 0, 0] = 7
-    out = remove_small_components(
-        mask, pixel_spacing_mm=(1.0, 1.0), slab_thickness_mm=np.ones(1), min_volume_ml=0
-    )
+    out = remove_small_components(mask, pixel_spacing_mm=(1.0, 1.0), slab_thickness_mm=np.ones(1), min_volume_ml=0)
     np.testing.assert_array_equal(out, (mask > 0).astype(np.uint8))
 
 
@@ -151,10 +147,7 @@ def _read_real_series(folder: Path) -> tuple[np.ndarray, tuple[float, float]]:
     normal = np.cross(iop[:3], iop[3:])
     datasets.sort(key=lambda d: float(normal @ np.asarray(d.ImagePositionPatient, dtype=float)))
     hu = np.stack(
-        [
-            d.pixel_array.astype(np.float32) * float(d.RescaleSlope) + float(d.RescaleIntercept)
-            for d in datasets
-        ]
+        [d.pixel_array.astype(np.float32) * float(d.RescaleSlope) + float(d.RescaleIntercept) for d in datasets]
     )
     spacing = tuple(float(v) for v in datasets[0].PixelSpacing)
     return hu, (spacing[0], spacing[1])

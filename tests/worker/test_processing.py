@@ -174,7 +174,8 @@ def test_a_takeover_leaves_exactly_one_result(s3_bucket: S3Bucket, pg_migrated_u
     stale = claim_run(deps, run_id=run_id, task_id="first")  # a delivery whose worker then vanished
     assert stale is not None
     assert process_run(run_id=run_id, deps=deps, task_id="second").state == "succeeded"
-    from worker.processing import RunState as _RS, _finish  # noqa: PLC0415
+    from worker.processing import RunState as _RS
+    from worker.processing import _finish
 
     assert _finish(deps, stale, state=_RS.FAILED, error_code="x") is False  # the stale claim writes nothing
     with deps.sessions() as s:

@@ -243,17 +243,14 @@ def test_duplicate_positions_keep_the_lowest_instance_number() -> None:
         headers[2],
         sop_instance_uid="9.9.9",
         instance_number=0,
-        image_position_mm=tuple(
-            v + (0.005 if i == 2 else 0.0) for i, v in enumerate(headers[2].image_position_mm)
-        ),
+        image_position_mm=tuple(v + (0.005 if i == 2 else 0.0) for i, v in enumerate(headers[2].image_position_mm)),
     )
     outcome = select_series([*headers, duplicate], rules=SelectionRules())
     kept = outcome.chosen.headers
     assert len(kept) == 6
     assert kept[2].sop_instance_uid == "9.9.9"  # InstanceNumber 0 beats the original's 4
     assert outcome.chosen.warnings == (
-        "dropped 1 image(s) at duplicate positions (within 0.01 mm along the normal), "
-        "kept the lowest InstanceNumber",
+        "dropped 1 image(s) at duplicate positions (within 0.01 mm along the normal), kept the lowest InstanceNumber",
     )
     # Same answer whatever the input order: the choice is deterministic.
     again = select_series([duplicate, *reversed(headers)], rules=SelectionRules())
@@ -281,16 +278,12 @@ def test_only_scouts_is_only_localizers() -> None:
     scouts += series(1, image_type=("ORIGINAL", "PRIMARY", "LOCALIZER"), number=3)
     err = failure(scouts)
     assert err.code is ErrorCode.ONLY_LOCALIZERS
-    assert err.message.startswith(
-        "only localizer (scout) images in the study; export the axial CT series (series 1"
-    )
+    assert err.message.startswith("only localizer (scout) images in the study; export the axial CT series (series 1")
     assert err.message.count("localizer (ImageType contains LOCALIZER)") == 2
 
 
 def test_only_secondary_captures_is_only_derived() -> None:
-    err = failure(
-        series(sop_class_uid=SECONDARY_CAPTURE_PREFIX, series_description="Exam Summary", number=401)
-    )
+    err = failure(series(sop_class_uid=SECONDARY_CAPTURE_PREFIX, series_description="Exam Summary", number=401))
     assert err.code is ErrorCode.ONLY_DERIVED
     assert "series 401 'Exam Summary' (6 files): secondary capture" in err.message
 
@@ -350,9 +343,7 @@ def test_series_description_with_newlines_keeps_the_message_on_one_line() -> Non
 
 @pytest.mark.parametrize("offset_mm", [-0.005, 0.005])
 @pytest.mark.parametrize("duplicate_number", [0, 99])
-def test_duplicate_choice_depends_on_instance_number_not_position(
-    offset_mm: float, duplicate_number: int
-) -> None:
+def test_duplicate_choice_depends_on_instance_number_not_position(offset_mm: float, duplicate_number: int) -> None:
     headers = series(6)  # InstanceNumbers 6..1; slice 2 has 4
     x, y, z = headers[2].image_position_mm or (0.0, 0.0, 0.0)
     duplicate = dataclasses.replace(

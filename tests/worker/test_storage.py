@@ -288,9 +288,7 @@ def test_local_store_satisfies_the_protocol(tmp_path: Path) -> None:
 
 
 def test_open_store_chooses_the_backend(tmp_path: Path) -> None:
-    settings = Settings(
-        s3_endpoint_url="http://127.0.0.1:1", aws_access_key_id="k", aws_secret_access_key="s"
-    )
+    settings = Settings(s3_endpoint_url="http://127.0.0.1:1", aws_access_key_id="k", aws_secret_access_key="s")
     s3 = open_store("s3://pacs-export", settings)
     assert isinstance(s3, S3Store) and s3.bucket == "pacs-export"
     assert s3.uri("a/b.dcm") == "s3://pacs-export/a/b.dcm"
@@ -313,9 +311,7 @@ def test_open_store_chooses_the_backend(tmp_path: Path) -> None:
 
 
 def _client_error(code: str, status: int) -> ClientError:
-    return ClientError(
-        {"Error": {"Code": code, "Message": "m"}, "ResponseMetadata": {"HTTPStatusCode": status}}, "Op"
-    )
+    return ClientError({"Error": {"Code": code, "Message": "m"}, "ResponseMetadata": {"HTTPStatusCode": status}}, "Op")
 
 
 @pytest.mark.parametrize(
@@ -378,9 +374,7 @@ def test_s3_iter_objects_paginates_lazily(s3_bucket: S3Bucket) -> None:
     keys = [f"exports/S1/{i:05d}.dcm" for i in range(1234)]
     _put_many(s3_bucket, [*keys, "exports/S2/x.dcm", "exports/S10/y.dcm", "other.txt"])
     calls: list[str] = []
-    s3_bucket.client.meta.events.register(
-        "after-call.s3.ListObjectsV2", lambda **kwargs: calls.append("ListObjectsV2")
-    )
+    s3_bucket.client.meta.events.register("after-call.s3.ListObjectsV2", lambda **kwargs: calls.append("ListObjectsV2"))
     iterator = s3_bucket.store.iter_objects("exports/S1/")
     first = next(iterator)
     assert first.key == keys[0]
@@ -453,9 +447,7 @@ def test_s3_wrong_credentials_are_permanent(s3_server: S3Server, s3_bucket: S3Bu
 
 
 @pytest.mark.integration
-def test_s3_missing_key_and_bucket_are_permanent(
-    s3_server: S3Server, s3_bucket: S3Bucket, tmp_path: Path
-) -> None:
+def test_s3_missing_key_and_bucket_are_permanent(s3_server: S3Server, s3_bucket: S3Bucket, tmp_path: Path) -> None:
     with pytest.raises(ObjectNotFoundError):
         s3_bucket.store.download("nope.dcm", tmp_path / "nope.dcm")
     assert list(tmp_path.iterdir()) == []  # no half-written or temporary file
