@@ -133,6 +133,11 @@ def save_model(model: Any, path: Path, info: ModelInfo, *, float16: bool = False
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if getattr(model, "optimizer", None) is not None:
+        # Ship weights, not training state: a compiled model would carry Adam's moments (3x the size).
+        clean = model.__class__.from_config(model.get_config())
+        clean.set_weights(model.get_weights())
+        model = clean
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
         staging = Path(tmp) / "model.keras"
         model.save(staging)
