@@ -150,7 +150,7 @@ def _demo(args: argparse.Namespace, settings: Settings) -> int:
             target.unlink()
     truth = make_demo_bucket(bucket, n=args.studies, seed=args.seed)
     local = local_settings(settings, bucket_dir=bucket, state_dir=root, quiet_period_s=0.0)
-    report, rows = run_local(local, segmenter_factory=lambda: _load_segmenter(local))
+    report, rows = run_local(local, segmenter=_load_segmenter(local))
     print(report.line())
     print(format_table(rows, truth_ml=truth))
     print(f"database: {local.database_url}; artefacts: {local.results_bucket}")
@@ -174,7 +174,7 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
     if not args.bucket.is_dir():
         raise ConfigurationError(f"--bucket {args.bucket} is not a folder")
     local = local_settings(settings, bucket_dir=args.bucket, state_dir=args.state_dir, quiet_period_s=args.quiet_period)
-    report, rows = run_local(local, segmenter_factory=lambda: _load_segmenter(local))
+    report, rows = run_local(local, segmenter=_load_segmenter(local))
     print(report.line())
     print(format_table(rows))
     print(f"database: {local.database_url}; artefacts: {local.results_bucket}")
@@ -251,6 +251,35 @@ def _train(args: argparse.Namespace, settings: Settings) -> int:
     return run_train_command(args, settings)
 
 
+# --- PACS: redelivery and the QIDO-RS source ------------------------------------------------
+
+
+def _add_redeliver(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    from worker.redeliver import add_redeliver_arguments
+
+    p = sub.add_parser("redeliver", help="send stored results to the PACS again (failed, pending or missing)")
+    add_redeliver_arguments(p)
+    p.set_defaults(handler=_redeliver)
+
+
+def _redeliver(args: argparse.Namespace, settings: Settings) -> int:
+    from worker.redeliver import run_redeliver_command
+
+    return run_redeliver_command(args, settings)
+
+
+def _add_pacs_poll(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("pacs-poll", help="copy new head CTs from a PACS (QIDO-RS/WADO-RS) into the export bucket")
+    p.add_argument("--once", action="store_true", help="poll once, print the counts and exit")
+    p.set_defaults(handler=_pacs_poll)
+
+
+def _pacs_poll(args: argparse.Namespace, settings: Settings) -> int:
+    from worker.pacs_source import run_pacs_poll
+
+    return run_pacs_poll(settings, once=args.once)
+
+
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [  # type: ignore[type-arg]
     _add_segment,
     _add_phantom,
@@ -261,6 +290,8 @@ SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [  # type: ign
     _add_train,
     _add_trends,
     _add_model_info,
+    _add_redeliver,
+    _add_pacs_poll,
 ]
 
 

@@ -25,7 +25,9 @@ DEMO_CASES: tuple[tuple[str, tuple[LesionSpec, ...]], ...] = (
 )
 
 
-def make_demo_bucket(bucket: Path, *, n: int, seed: int, unusable: bool = True) -> dict[str, float]:
+def make_demo_bucket(
+    bucket: Path, *, n: int, seed: int, unusable: bool = True, rows: int = 256, pixel_spacing_mm: float = 0.9
+) -> dict[str, float]:
     """Write ``n`` phantom studies (+ one scout-only export) into ``bucket``; return name -> true mL."""
     bucket.mkdir(parents=True, exist_ok=True)
     truth: dict[str, float] = {}
@@ -34,7 +36,14 @@ def make_demo_bucket(bucket: Path, *, n: int, seed: int, unusable: bool = True) 
         if i >= len(DEMO_CASES):
             name = f"{name}-{i}"
         study = bucket / name
-        spec = PhantomSpec(rows=256, columns=256, pixel_spacing_mm=(0.9, 0.9), lesions=lesions, n_slices=28)
+        spec = PhantomSpec(
+            rows=rows,
+            columns=rows,
+            pixel_spacing_mm=(pixel_spacing_mm, pixel_spacing_mm),
+            lesions=lesions,
+            n_slices=28,
+            patient_id=f"DEMO-{i + 1:03d}",
+        )
         result = generate_study(study, spec=spec, seed=seed + i, truth_dir=bucket.parent / "truth" / name)
         (study / MARKER).write_text("complete\n")
         truth[name] = float(result.analytic_volume_ml)

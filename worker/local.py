@@ -10,7 +10,6 @@ transport differs.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,12 +52,11 @@ def local_settings(settings: Settings, *, bucket_dir: Path, state_dir: Path, qui
     )
 
 
-def run_local(
-    settings: Settings, *, segmenter_factory: Callable[[], Segmenter] | None = None
-) -> tuple[Any, list[LocalRow]]:
+def run_local(settings: Settings, *, segmenter: Segmenter | None = None) -> tuple[Any, list[LocalRow]]:
     """Migrate the SQLite database, poll once, process every enqueued run in process.
 
-    Returns the poll report and one row per study version in the database.
+    ``segmenter`` defaults to the configured weights. Returns the poll report and one row per
+    study version in the database.
     """
     from scheduler.poll import poll_once
     from worker import db, runtime
@@ -66,7 +64,11 @@ def run_local(
 
     Path(settings.work_dir).mkdir(parents=True, exist_ok=True)
     db.upgrade_to_head(settings.database_url)
-    deps = runtime.build_deps(settings, segmenter_factory=segmenter_factory)
+    if segmenter is None:
+        deps = runtime.build_deps(settings)
+    else:
+        chosen = segmenter
+        deps = runtime.build_deps(settings, segmenter_factory=lambda: chosen, model_info=chosen.info)
     runtime.set_deps(deps)
     queue: list[int] = []
     report = poll_once(
@@ -83,6 +85,10 @@ def run_local(
                 break
             except TransientError as exc:
                 log.warning("run %s: %s; retrying", run_id, exc.message)
+    if settings.pacs_targets:  # results to the PACS in process (one attempt each; see worker/delivery.py)
+        from worker.delivery import deliver_in_process
+
+        deliver_in_process(deps, run_ids=queue)
     return report, summary_rows(deps.sessions, model_version=deps.model_info.version)
 
 

@@ -65,12 +65,21 @@ def model_reference(settings: Settings) -> ModelInfo:
     return read_model_info(path)
 
 
-def build_deps(settings: Settings, *, segmenter_factory: Callable[[], Segmenter] | None = None) -> WorkerDeps:
-    """Engine, stores and a lazy segmenter for this process."""
+def build_deps(
+    settings: Settings,
+    *,
+    segmenter_factory: Callable[[], Segmenter] | None = None,
+    model_info: ModelInfo | None = None,
+) -> WorkerDeps:
+    """Engine, stores and a lazy segmenter for this process.
+
+    ``segmenter_factory`` and ``model_info`` replace the configured weights file (the demo
+    and tests inject their own segmenter).
+    """
     from worker import db, storage
 
     engine = db.make_engine(settings.database_url)
-    info = model_reference(settings)
+    info = model_info or model_reference(settings)
 
     def default_factory() -> Segmenter:
         from worker import framework
@@ -102,6 +111,27 @@ def set_deps(deps: WorkerDeps | None) -> None:
     """Install dependencies explicitly (the embedded demo and tests)."""
     global _deps, _deps_pid
     _deps, _deps_pid = deps, (os.getpid() if deps is not None else None)
+
+
+def record_hard_time_limit(settings: Settings, *, run_id: int, task_id: str | None) -> None:
+    """In the worker's parent: record a run whose pool process the hard time limit killed.
+
+    Builds short-lived dependencies (an engine and S3 clients; never the model) and
+    disposes of them: the parent forks new pool processes and must not hold connections.
+    Database or S3 trouble is logged; the scheduler's recovery then handles the run.
+    """
+    from worker.processing import record_hard_time_limit as record
+
+    deps: WorkerDeps | None = None
+    try:
+        deps = build_deps(settings)
+        record(deps, run_id=run_id, task_id=task_id, limit_s=settings.hard_time_limit_s)
+    except IchvolError as exc:
+        log.error("could not record the hard time limit of run %s: %s", run_id, exc.message)
+    finally:
+        if deps is not None:
+            with contextlib.suppress(KeyError, AttributeError):
+                deps.sessions.kw["bind"].dispose()
 
 
 # --- status shared with the parent ---------------------------------------------------------
