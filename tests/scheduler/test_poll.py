@@ -160,3 +160,39 @@ def test_a_failed_send_is_retried_by_the_next_poll(s3_bucket: S3Bucket, pg_migra
     retry = Sent()
     assert poll(s3_bucket, settings, sessions, retry).resent == 1
     assert len(retry.messages) == 1
+
+
+def test_a_poll_costs_a_constant_number_of_statements(tmp_path, pg_migrated_url: str) -> None:  # type: ignore[no-untyped-def]
+    """No per-object or per-study database round trip: the count does not grow with the bucket."""
+    from sqlalchemy import event
+
+    from worker.storage import LocalStore
+
+    engine = db.make_engine(pg_migrated_url)
+    sessions = db.session_factory(engine)
+
+    def statements_for(n_studies: int, root: str) -> tuple[int, int]:
+        bucket = tmp_path / root
+        for s in range(n_studies):
+            (bucket / f"S{s:04d}").mkdir(parents=True)
+            for i in range(5):
+                (bucket / f"S{s:04d}" / f"{i}.dcm").write_bytes(b"x")
+        settings = Settings.from_env({}).replace(database_url=pg_migrated_url, export_bucket=str(bucket), quiet_period_s=0)
+        counts = []
+        for _ in range(2):  # first poll registers, second finds nothing new
+            seen = 0
+
+            def count(*_: object) -> None:
+                nonlocal seen
+                seen += 1
+
+            event.listen(engine, "before_cursor_execute", count)
+            poll_once(store=LocalStore(bucket), sessions=sessions, settings=settings, model=MODEL, enqueue=Sent())
+            event.remove(engine, "before_cursor_execute", count)
+            counts.append(seen)
+        return counts[0], counts[1]
+
+    small = statements_for(3, "small")
+    large = statements_for(120, "large")
+    assert small == large, (small, large)
+    assert large[1] <= 4
