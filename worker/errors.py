@@ -41,6 +41,7 @@ class ErrorCode(StrEnum):
     WORKER_LOST = "worker_lost"
     RETRIES_EXHAUSTED = "retries_exhausted"
     STUDY_CHANGED = "study_changed"
+    MISSING_TRUTH = "missing_truth"
     INTERNAL = "internal"
 
 

@@ -1,14 +1,17 @@
 """``ichvol train``: the command-line front of :mod:`worker.training`.
 
-Data come from the phantom generator (synthetic studies with exact masks) unless a
-prepared dataset is given. Every default is the paper's (Adam 2e-4, batch 16,
-BCE + Dice, 50 epochs, 256x256); small values make a quick CPU run.
+Data come from a prepared dataset (``--data DIR``, made by ``ichvol dataset``: its
+``train`` split for training, its ``val`` split or ``--val-data DIR`` for validation) or,
+without ``--data``, from the phantom generator (synthetic slices with exact masks). Every
+default is the paper's (Adam 2e-4, batch 16, BCE + Dice, 50 epochs, 256x256); small values
+make a quick CPU run. The input size and HU window of a prepared dataset are the model's.
 """
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 from worker.ct import DISCLAIMER
 from worker.settings import Settings
@@ -16,52 +19,154 @@ from worker.settings import Settings
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, required=True, help="weights file to write (.keras)")
+    p.add_argument("--data", type=Path, help="prepared dataset (ichvol dataset): trains on its train split")
+    p.add_argument("--val-data", type=Path, help="prepared dataset to validate on (default: --data's val split)")
     p.add_argument("--architecture", choices=["drunet", "unet"], default="drunet")
     p.add_argument("--dims", type=int, default=32, help="base filters (paper: 32)")
-    p.add_argument("--input-size", type=int, default=256, help="model input size in pixels (paper: 256)")
+    p.add_argument(
+        "--input-size", type=int, default=None, help="model input size in pixels (paper: 256; default: the dataset's)"
+    )
     p.add_argument("--epochs", type=int, default=50)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=2e-4, help="Adam learning rate")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work-dir", type=Path, help="checkpoints, logs and curves (default: OUT's folder/train-<name>)")
-    p.add_argument("--phantoms", type=int, default=40, help="phantom studies for training and validation")
-    p.add_argument("--val-fraction", type=float, default=0.2, help="share of patients held out for validation")
+    p.add_argument("--phantoms", type=int, default=40, help="without --data: phantom studies to train and validate on")
+    p.add_argument(
+        "--val-fraction", type=float, default=0.2, help="without --data: share of phantom patients for validation"
+    )
+    p.add_argument(
+        "--synthetic",
+        choices=["phantom", "realistic"],
+        default="phantom",
+        help="without --data: basic phantom slices, or realistic synthetic data (real-CT backgrounds with "
+        "inserted hematomas, whole-range phantoms, domain randomisation; worker.realistic_data)",
+    )
+    p.add_argument(
+        "--background-ct",
+        type=Path,
+        help="with --synthetic realistic: a real head CT without hemorrhage (DICOM folder) to blend hematomas into",
+    )
+    p.add_argument(
+        "--synthetic-samples", type=int, default=20000, help="with --synthetic realistic: training slices to generate"
+    )
+    p.add_argument(
+        "--synthetic-cache",
+        type=Path,
+        help="with --synthetic realistic: folder for the generated bank (default: work dir)",
+    )
     p.add_argument("--steps-per-epoch", type=int, help="batches per epoch (default: one pass)")
     p.add_argument("--no-augment", action="store_true", help="switch augmentation off")
+    p.add_argument("--bn-momentum", type=float, help="BatchNorm momentum (default: Keras' 0.99; 0.5 for short runs)")
     p.add_argument("--mixed-precision", action="store_true", help="float16 compute where a GPU supports it")
     p.add_argument("--float16-weights", action="store_true", help="store weights at half precision (half size)")
     p.add_argument("--version", default="", help="version string stored in the weights")
+    p.add_argument("--quiet", action="store_true", help="no progress bar (one line per epoch)")
+
+
+def _prepared_sources(args: argparse.Namespace) -> tuple[Any, Any, tuple[float, float], int, str]:
+    """Training and validation splits of prepared datasets, their window, size and a description."""
+    from worker import datasets
+    from worker.errors import ConfigurationError
+
+    data = datasets.read_dataset(args.data)
+    train_split = data.split("train")
+    if args.val_data is not None:
+        val_set = datasets.read_dataset(args.val_data)
+        has_val = "val" in val_set.splits and val_set.splits["val"].n_examples > 0
+        val_split = val_set.split("val") if has_val else val_set.all_records(name="val")
+        if val_set.input_size != data.input_size or val_set.hu_window != data.hu_window:
+            raise ConfigurationError(
+                f"--val-data is {val_set.input_size} px with window {val_set.hu_window}, --data is "
+                f"{data.input_size} px with window {data.hu_window}: prepare both alike"
+            )
+        where = f"{val_split.name} split of {Path(args.val_data).name}"
+    else:
+        if "val" not in data.splits or data.splits["val"].n_examples == 0:
+            raise ConfigurationError(
+                f"{args.data} has no validation split: prepare it with --val-fraction > 0 or give --val-data"
+            )
+        val_split = data.split("val")
+        where = f"val split of {Path(args.data).name}"
+    shared = set(train_split.patients) & set(val_split.patients)
+    if shared:
+        raise ConfigurationError(
+            f"{len(shared)} patient(s) have slices in both the training and the validation data: "
+            "split by patient (ichvol dataset does)"
+        )
+    if args.input_size is not None and args.input_size != data.input_size:
+        raise ConfigurationError(
+            f"--input-size {args.input_size} differs from the dataset's {data.input_size}: prepare it at that size"
+        )
+    description = (
+        f"{data.description}; training: train split ({len(train_split)} slices, {len(train_split.patients)} "
+        f"patients); validation: {where} ({len(val_split)} slices, {len(val_split.patients)} patients); "
+        "split by patient"
+    )
+    return train_split, val_split, data.hu_window, data.input_size, description
 
 
 def run_train_command(args: argparse.Namespace, settings: Settings) -> int:
     from worker import datasets, framework
+    from worker.errors import ConfigurationError
     from worker.training import DEFAULT_HU_WINDOW, TrainConfig, split_by_patient, train
 
     framework.set_threads(settings.inference_threads)
-    data = datasets.phantom_slices(
-        n_studies=args.phantoms, input_size=args.input_size, window=DEFAULT_HU_WINDOW, seed=args.seed
-    )
-    train_data, val_data = split_by_patient(data, val_fraction=args.val_fraction, seed=args.seed)
+    if args.val_data is not None and args.data is None:
+        raise ConfigurationError("--val-data needs --data (the training set)")
+    train_data: Any
+    val_data: Any
+    if args.data is not None:
+        train_data, val_data, window, input_size, description = _prepared_sources(args)
+    elif args.synthetic == "realistic":
+        from worker import realistic_data
+
+        input_size = args.input_size or 256
+        window = DEFAULT_HU_WINDOW
+        cache = args.synthetic_cache or args.work_dir or Path(args.out).parent / f"train-{Path(args.out).stem}"
+        train_data, val_data, description = realistic_data.training_sources(
+            input_size=input_size,
+            window=window,
+            n_samples=args.synthetic_samples,
+            seed=args.seed,
+            cache_dir=cache,
+            background_ct=args.background_ct,
+        )
+    else:
+        if args.phantoms < 2:
+            raise ConfigurationError("--phantoms must be at least 2 (training and validation patients)")
+        input_size = args.input_size or 256
+        window = DEFAULT_HU_WINDOW
+        data = datasets.phantom_slices(n_studies=args.phantoms, input_size=input_size, window=window, seed=args.seed)
+        train_data, val_data = split_by_patient(data, val_fraction=args.val_fraction, seed=args.seed)
+        description = (
+            f"{args.phantoms} synthetic phantom studies (ichvol phantom generator, seed {args.seed}); "
+            f"{len(train_data)} training and {len(val_data)} validation slices, split by study"
+        )
+    device = framework.device_description()
+    print(f"training {args.architecture} on {device}: {len(train_data)} training, {len(val_data)} validation slices")
+    if args.mixed_precision and device == "CPU":
+        print("ichvol: --mixed-precision has no float16 hardware to use here (no GPU); training in float16 anyway")
     out = Path(args.out)
     config = TrainConfig(
         out_path=out,
         work_dir=args.work_dir or out.parent / f"train-{out.stem}",
         architecture=args.architecture,
         dims=args.dims,
-        input_size=args.input_size,
+        input_size=input_size,
         epochs=args.epochs,
         batch_size=args.batch_size,
         learning_rate=args.lr,
         seed=args.seed,
+        hu_window=window,
         augment=not args.no_augment,
         mixed_precision=args.mixed_precision,
         float16_weights=args.float16_weights,
         version=args.version,
         steps_per_epoch=args.steps_per_epoch,
-        training_data=(
-            f"{args.phantoms} synthetic phantom studies (ichvol phantom generator, seed {args.seed}); "
-            f"{len(train_data)} training and {len(val_data)} validation slices, split by study"
-        ),
+        training_data=description,
+        verbose=2 if args.quiet else 1,
+        bn_momentum=args.bn_momentum,
     )
     outcome = train(config, train_data=train_data, val_data=val_data)
     print(

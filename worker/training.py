@@ -9,7 +9,22 @@ epoch is logged to ``work_dir/log.csv`` and ``log.json``; ``curves.png`` plots t
 
 Data are :class:`SliceArrays`: images ``(n, S, S)`` float32 already windowed to
 [-1, 1] (see :mod:`worker.preprocess`), masks ``(n, S, S)`` uint8 in {0, 1}, and the
-patient each slice came from (splits are by patient, never by slice).
+patient each slice came from (splits are by patient, never by slice); or any
+:class:`TrainingSource`, such as a split of a prepared TFRecord dataset
+(:class:`worker.datasets.DatasetSplit`), streamed from disk. Validation data are held in
+memory (a source is loaded with its ``load_arrays``).
+
+Short runs and BatchNorm: Keras' BatchNormalization keeps moving statistics with momentum
+0.99, so after a few hundred steps of fast learning they still lag the weights and the
+model in inference mode can predict nothing while it segments well in training mode
+(measured: validation Dice 0.0 in inference mode, 0.95 in training mode after 300 steps at
+learning rate 1e-2; 0.71 with momentum 0.9). ``TrainConfig.bn_momentum`` (0.5 for quick
+runs) shortens that memory; the default keeps the layers' own 0.99, right for the paper's
+50 epochs. Early in a run the thresholded validation Dice also swings between epochs (a
+model that is not yet confident sits near the 0.5 threshold): the best epoch is kept.
+
+Mixed precision (``mixed_precision=True``) computes in float16 where a GPU supports it; the
+weights stay float32 and the saved model is always a plain float32 model.
 """
 
 from __future__ import annotations
@@ -21,12 +36,13 @@ import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
 
 from worker import framework
+from worker.errors import ConfigurationError
 from worker.weights import ModelInfo
 
 log = logging.getLogger(__name__)
@@ -54,6 +70,34 @@ class SliceArrays:
     def take(self, index: npt.NDArray[np.intp]) -> SliceArrays:
         return SliceArrays(self.images[index], self.masks[index], tuple(self.patients[i] for i in index))
 
+    @property
+    def input_size(self) -> int:
+        return int(self.images.shape[1])
+
+    def tf_dataset(self, *, batch_size: int, shuffle: bool, augment: bool, seed: int, repeat: bool = False) -> Any:
+        """The slices as a ``tf.data`` pipeline (see :func:`make_dataset`)."""
+        return make_dataset(self, batch_size=batch_size, shuffle=shuffle, augment=augment, seed=seed, repeat=repeat)
+
+    def load_arrays(self) -> SliceArrays:
+        return self
+
+
+class TrainingSource(Protocol):
+    """Training slices that can be streamed: :class:`SliceArrays` or a prepared dataset split.
+
+    ``tf_dataset`` yields batches of ``(images (b, S, S, 1) float32 in [-1, 1],
+    masks (b, S, S, 1) float32 in {0, 1})``; ``load_arrays`` holds every slice in memory.
+    """
+
+    @property
+    def input_size(self) -> int: ...
+
+    def __len__(self) -> int: ...
+
+    def tf_dataset(self, *, batch_size: int, shuffle: bool, augment: bool, seed: int, repeat: bool = False) -> Any: ...
+
+    def load_arrays(self) -> SliceArrays: ...
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -76,6 +120,7 @@ class TrainConfig:
     training_data: str = ""
     steps_per_epoch: int | None = None  # None: one pass over the training slices
     verbose: int = 1
+    bn_momentum: float | None = None  # None: the layers' own (0.99); e.g. 0.5 for short runs
 
 
 @dataclass
@@ -105,17 +150,45 @@ def make_dataset(
 ) -> Any:
     """A ``tf.data`` pipeline: shuffle, augment (flips, small rotations/scales, intensity jitter), batch, prefetch.
 
-    Deterministic under ``seed`` (stateless random ops keyed by the element index).
+    Deterministic under ``seed`` (stateless random ops keyed by the position in the stream).
     """
     tf = framework.tf()
     images = data.images[..., None]
     masks = data.masks[..., None].astype(np.float32)
     ds = tf.data.Dataset.from_tensor_slices((images, masks))
-    ds = ds.enumerate()
+    return finish_dataset(
+        ds,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        augment=augment,
+        seed=seed,
+        repeat=repeat,
+        shuffle_buffer=min(len(data), 4096),
+    )
+
+
+def finish_dataset(
+    ds: Any,
+    *,
+    batch_size: int,
+    shuffle: bool,
+    augment: bool,
+    seed: int,
+    repeat: bool,
+    shuffle_buffer: int,
+) -> Any:
+    """Shuffle, repeat, augment, batch and prefetch a ``tf.data`` stream of ``(S, S, 1)`` pairs.
+
+    The augmentation key of each element is ``(seed, position in the stream)``: the same
+    slice gets a different augmentation in each epoch, and the whole stream is the same in
+    every run with the same seed (the shuffle is seeded, the maps are ordered).
+    """
+    tf = framework.tf()
     if shuffle:
-        ds = ds.shuffle(min(len(data), 4096), seed=seed, reshuffle_each_iteration=True)
+        ds = ds.shuffle(max(1, shuffle_buffer), seed=seed, reshuffle_each_iteration=True)
     if repeat:
         ds = ds.repeat()
+    ds = ds.enumerate()
 
     def _augment(index: Any, pair: Any) -> Any:
         image, mask = pair
@@ -198,31 +271,108 @@ def _dice_scores(model_fn: Any, data: SliceArrays, batch_size: int) -> dict[str,
     }
 
 
-def train(config: TrainConfig, *, train_data: SliceArrays, val_data: SliceArrays) -> TrainOutcome:
-    """Train, validate each epoch, keep the best-Dice weights at ``config.out_path``."""
+def train(
+    config: TrainConfig,
+    *,
+    train_data: SliceArrays | TrainingSource,
+    val_data: SliceArrays | TrainingSource,
+) -> TrainOutcome:
+    """Train, validate each epoch, keep the best-Dice weights at ``config.out_path``.
+
+    ``train_data`` is streamed (shuffled, augmented, repeated); ``val_data`` is held in
+    memory. Both must be at ``config.input_size``. A ``work_dir`` that holds an interrupted
+    run of the same configuration resumes it (weights, optimizer state, epoch, logs); one
+    that holds a run of another configuration is refused (:class:`ConfigurationError`, as
+    are data of the wrong size).
+    """
     from worker import losses
-    from worker.model import DISPLAY_NAMES, build_model, save_model
 
     keras = framework.keras()
     tf = framework.tf()
+    size = config.input_size
+    if train_data.input_size != size or val_data.input_size != size:
+        raise ConfigurationError(
+            f"training slices are {train_data.input_size}x{train_data.input_size} and validation slices "
+            f"{val_data.input_size}x{val_data.input_size}, the model input is {size}x{size}"
+        )
+    if len(train_data) == 0 or len(val_data) == 0:
+        raise ConfigurationError("training and validation need at least one slice each")
+    validation = val_data.load_arrays()
     work_dir = Path(config.work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
+    _check_resume(work_dir, config)
     keras.utils.set_random_seed(config.seed)
+    previous_policy = keras.mixed_precision.global_policy().name
     if config.mixed_precision:
         keras.mixed_precision.set_global_policy("mixed_float16")
-    size = config.input_size
-    if train_data.images.shape[1:] != (size, size) or val_data.images.shape[1:] != (size, size):
-        raise ValueError(f"training slices must be {size}x{size}")
+    try:
+        return _fit(config, train_data=train_data, validation=validation, work_dir=work_dir, losses=losses, tf=tf)
+    finally:
+        keras.mixed_precision.set_global_policy(previous_policy)
 
+
+_RESUME_KEYS = ("architecture", "dims", "input_size", "batch_size", "learning_rate", "hu_window", "seed")
+
+
+def _check_resume(work_dir: Path, config: TrainConfig) -> None:
+    """Record the run's configuration; refuse to resume a run of another one."""
+    path = work_dir / "config.json"
+    current = {key: getattr(config, key) for key in _RESUME_KEYS}
+    current["hu_window"] = list(config.hu_window)
+    if path.exists() and (work_dir / "backup").exists():
+        try:
+            saved = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            saved = {}
+        changed = [key for key in _RESUME_KEYS if saved.get(key) != current[key]]
+        if changed:
+            raise ConfigurationError(
+                f"{work_dir} holds an interrupted run with another {', '.join(changed)}; "
+                "use a new --work-dir or delete that one"
+            )
+    path.write_text(json.dumps(current, indent=1))
+
+
+def _export_copy(model: Any, config: TrainConfig) -> Any:
+    """A fresh, uncompiled float32 copy of ``model`` for saving (no optimizer, no mixed policy)."""
+    from worker.model import build_model
+
+    keras = framework.keras()
+    policy = keras.mixed_precision.global_policy().name
+    keras.mixed_precision.set_global_policy("float32")
+    try:
+        copy = build_model(config.architecture, dims=config.dims, input_size=config.input_size)
+    finally:
+        keras.mixed_precision.set_global_policy(policy)
+    copy.set_weights(model.get_weights())
+    return copy
+
+
+def _fit(
+    config: TrainConfig,
+    *,
+    train_data: SliceArrays | TrainingSource,
+    validation: SliceArrays,
+    work_dir: Path,
+    losses: Any,
+    tf: Any,
+) -> TrainOutcome:
+    from worker.model import DISPLAY_NAMES, build_model, save_model
+
+    keras = framework.keras()
+    size = config.input_size
     model = build_model(config.architecture, dims=config.dims, input_size=size)
+    if config.bn_momentum is not None:
+        for layer in model.layers:
+            if isinstance(layer, keras.layers.BatchNormalization):
+                layer.momentum = float(config.bn_momentum)
     model.compile(
         optimizer=keras.optimizers.Adam(learning_rate=config.learning_rate),
         loss=losses.bce_dice_loss,
         metrics=[losses.hard_dice],
     )
     steps = config.steps_per_epoch or max(1, -(-len(train_data) // config.batch_size))
-    train_ds = make_dataset(
-        train_data,
+    train_ds = train_data.tf_dataset(
         batch_size=config.batch_size,
         shuffle=True,
         augment=config.augment,
@@ -232,7 +382,7 @@ def train(config: TrainConfig, *, train_data: SliceArrays, val_data: SliceArrays
     predict = tf.function(lambda x: model(x, training=False), reduce_retracing=True, autograph=False)
 
     def model_fn(x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
-        return np.asarray(predict(tf.constant(x)))
+        return np.asarray(predict(tf.constant(x)), dtype=np.float32)
 
     version = config.version or f"{config.architecture}-d{config.dims}-s{size}-{datetime.now(UTC):%Y%m%d%H%M}"
     state_path = work_dir / "best.json"
@@ -263,7 +413,8 @@ def train(config: TrainConfig, *, train_data: SliceArrays, val_data: SliceArrays
             epoch_started[0] = time.perf_counter()
 
         def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
-            scores = _dice_scores(model_fn, val_data, config.batch_size)
+            train_seconds = time.perf_counter() - epoch_started[0]
+            scores = _dice_scores(model_fn, validation, config.batch_size)
             seconds = time.perf_counter() - epoch_started[0]
             row = {
                 "epoch": float(epoch + 1),
@@ -271,13 +422,17 @@ def train(config: TrainConfig, *, train_data: SliceArrays, val_data: SliceArrays
                 "train_dice": float((logs or {}).get("hard_dice", float("nan"))),
                 **scores,
                 "seconds": round(seconds, 2),
-                "slices_per_s": round(steps * config.batch_size / max(seconds, 1e-9), 2),
+                "slices_per_s": round(steps * config.batch_size / max(train_seconds, 1e-9), 2),
             }
+            # A resumed run repeats the epochs after its last backup: keep one row per epoch.
+            history[:] = [r for r in history if r["epoch"] < epoch + 1]
             history.append(row)
             dice = scores["val_dice_pooled"]
             if dice > best["dice"]:
                 best.update(epoch=epoch + 1, dice=dice)
-                save_model(model, config.out_path, info_for(scores), float16=config.float16_weights)
+                save_model(
+                    _export_copy(model, config), config.out_path, info_for(scores), float16=config.float16_weights
+                )
                 state_path.write_text(json.dumps(best))
             _write_logs(work_dir, history)
             if config.verbose:
@@ -288,9 +443,11 @@ def train(config: TrainConfig, *, train_data: SliceArrays, val_data: SliceArrays
                     flush=True,
                 )
 
+    # Validation (and its log row) first, then the backup: an interruption between the two
+    # repeats that epoch on resume, and its row is replaced, never lost.
     callbacks = [
-        keras.callbacks.BackupAndRestore(str(work_dir / "backup")),
         _Validate(),
+        keras.callbacks.BackupAndRestore(str(work_dir / "backup")),
     ]
     model.fit(
         train_ds,
