@@ -273,3 +273,59 @@ class TrendConfig(Base):
 #: Scans of one night without reading every study (``expansions_since``). Declared here,
 #: beside the migration that creates it, so autogenerate sees the models and the database agree.
 STUDY_DATETIME_INDEX = Index("ix_studies_study_datetime", Study.__table__.c.study_datetime)
+
+
+class DeliveryState(StrEnum):
+    """Life of a delivery: pending -> sent | failed; ``ichvol redeliver`` makes failed ones pending."""
+
+    PENDING = "pending"
+    SENT = "sent"
+    FAILED = "failed"
+
+
+class Delivery(Base):
+    """One result's DICOM objects (SR, SEG, overlay) sent to one PACS target.
+
+    One row per (run, target): ``target`` is ``"stow"`` (DICOMweb STOW-RS) or ``"cstore"``
+    (DIMSE C-STORE), ``destination`` the URL or ``AET@host:port`` (never credentials).
+    ``attempts`` counts sends; ``last_error`` is the last failure's one-line reason;
+    ``instances`` lists the objects of the last attempt, each ``{"kind", "sop_class_uid",
+    "sop_instance_uid", "series_instance_uid"}``. Written by :mod:`worker.delivery`.
+    """
+
+    __tablename__ = "deliveries"
+    __table_args__ = (
+        UniqueConstraint("run_id", "target"),
+        CheckConstraint("attempts >= 0", name="attempts_nonnegative"),
+        Index(None, "state", "updated_at"),
+        Index(None, "result_id"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    run_id: Mapped[int] = mapped_column(BigId, ForeignKey("runs.id", ondelete="CASCADE"))
+    result_id: Mapped[int] = mapped_column(BigId, ForeignKey("results.id", ondelete="CASCADE"))
+    target: Mapped[str] = mapped_column(Text)
+    destination: Mapped[str] = mapped_column(Text)
+    state: Mapped[DeliveryState] = mapped_column(
+        Enum(
+            DeliveryState,
+            name="delivery_state",
+            native_enum=False,
+            create_constraint=True,
+            length=16,
+            values_callable=_enum_values,
+            validate_strings=True,
+        ),
+        default=DeliveryState.PENDING,
+        server_default=DeliveryState.PENDING.value,
+    )
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
+    last_error: Mapped[str | None] = mapped_column(Text)
+    instances: Mapped[list[dict[str, str]] | None] = mapped_column(JsonDocument)
+    created_at: Mapped[dt.datetime] = mapped_column(server_default=func.now())
+    updated_at: Mapped[dt.datetime | None] = mapped_column()
+    last_attempt_at: Mapped[dt.datetime | None] = mapped_column()
+    sent_at: Mapped[dt.datetime | None] = mapped_column()
+
+    def __repr__(self) -> str:
+        return f"Delivery(id={self.id!r}, run_id={self.run_id!r}, target={self.target!r}, state={self.state!r})"

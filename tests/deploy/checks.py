@@ -67,7 +67,17 @@ REQUIRED_VARIABLES = frozenset(
     }
 )
 # The secrets the Secret template must carry.
-SECRET_VARIABLES = frozenset({"ICHVOL_DATABASE_URL", "ICHVOL_BROKER_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"})
+SECRET_VARIABLES = frozenset(
+    {
+        "ICHVOL_DATABASE_URL",
+        "ICHVOL_BROKER_URL",
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "ICHVOL_PACS_TOKEN",
+        "ICHVOL_PACS_USERNAME",
+        "ICHVOL_PACS_PASSWORD",
+    }
+)
 
 # The command-line contract (docs/deployment.md).
 WORKER_ARGV = (
@@ -158,13 +168,25 @@ def compose_schema_problems(data: Any) -> list[str]:
 _INTERPOLATION = re.compile(r"\$(?:(?P<escaped>\$)|\{(?P<braced>[^}]*)\}|(?P<named>[A-Za-z_][A-Za-z0-9_]*))")
 
 
+#: What an operator's ``.env`` provides: the stack's passwords are required variables
+#: (``${VAR:?...}``) with no value committed anywhere, so the checks supply stand-ins.
+COMPOSE_ENV = {
+    "POSTGRES_PASSWORD": "pg-test-password",
+    "MINIO_ROOT_USER": "minio-test-user",
+    "MINIO_ROOT_PASSWORD": "minio-test-password",
+}
+#: Variables that carry credentials in docker-compose.yml: each must be required, never defaulted.
+COMPOSE_CREDENTIALS = ("POSTGRES_PASSWORD", "MINIO_ROOT_USER", "MINIO_ROOT_PASSWORD")
+
+
 def interpolate(text: str, environ: Mapping[str, str] | None = None) -> str:
     """Compose's variable substitution: ``$$``, ``$VAR``, ``${VAR}``, ``${VAR:-default}``, ``${VAR-default}``.
 
-    ``environ`` stands for the host environment / ``.env`` file (default: empty, so the
-    file's own defaults are what is checked). ``${VAR:?message}`` without a value raises.
+    ``environ`` stands for the host environment / ``.env`` file (default: :data:`COMPOSE_ENV`,
+    the operator's required credentials, otherwise the file's own defaults are what is
+    checked). ``${VAR:?message}`` without a value raises.
     """
-    env = environ or {}
+    env = COMPOSE_ENV if environ is None else environ
 
     def substitute(match: re.Match[str]) -> str:
         if match.group("escaped"):

@@ -65,13 +65,13 @@ def pip_installs(stage: Stage) -> list[str]:
     return [i.arguments for i in stage.all("RUN") if "pip install" in i.arguments]
 
 
-def test_worker_image_installs_the_gpu_extra_by_default() -> None:
+def test_worker_image_installs_the_gpu_and_pacs_extras_by_default() -> None:
     build = image_stages("worker")[0]
     defaults = dict(i.arguments.partition("=")[::2] for i in build.all("ARG"))
-    assert defaults.get("ICHVOL_EXTRAS") == "gpu"
+    assert defaults.get("ICHVOL_EXTRAS") == "gpu,pacs"  # TensorFlow with CUDA; PACS delivery clients
     (install,) = pip_installs(build)
     assert '".[${ICHVOL_EXTRAS}]"' in install
-    assert "gpu" in checks.pyproject()["project"]["optional-dependencies"]
+    assert {"gpu", "pacs"} <= set(checks.pyproject()["project"]["optional-dependencies"])
 
 
 def test_worker_image_checks_the_default_weights_are_installed() -> None:
@@ -85,7 +85,7 @@ def test_scheduler_image_has_no_tensorflow() -> None:
     extras = re.search(r"\.\[([^\]]*)\]", install)
     assert extras is not None
     chosen = set(extras.group(1).split(","))
-    assert chosen == {"monitor"}, "Flower only: no `cpu`/`gpu` extra"
+    assert chosen == {"monitor", "pacs"}, "Flower and the PACS clients only: no `cpu`/`gpu` extra"
     optional = checks.pyproject()["project"]["optional-dependencies"]
     assert not any("tensorflow" in dep or "keras" in dep for extra in chosen for dep in optional[extra])
     assert not any("tensorflow" in dep for dep in checks.pyproject()["project"]["dependencies"])

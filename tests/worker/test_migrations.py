@@ -28,13 +28,14 @@ pytestmark = pytest.mark.integration
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
-TABLES = {"studies", "runs", "results", "trend_config"}
+TABLES = {"studies", "runs", "results", "trend_config", "deliveries"}
 VIEWS = {"current_results", "patient_timeline", "hematoma_expansion"}
 UNIQUE_CONSTRAINTS = {
     "studies": {("uq_studies_bucket_prefix_fingerprint", ("bucket", "prefix", "fingerprint"))},
     "runs": {("uq_runs_study_id_model_version", ("study_id", "model_version"))},
     "results": {("uq_results_run_id", ("run_id",))},
     "trend_config": set(),
+    "deliveries": {("uq_deliveries_run_id_target", ("run_id", "target"))},
 }
 INDEXES = {
     "studies": {
@@ -52,11 +53,19 @@ INDEXES = {
     },
     "results": {("ix_results_created_at", ("created_at",))},
     "trend_config": set(),
+    "deliveries": {
+        ("ix_deliveries_state_updated_at", ("state", "updated_at")),
+        ("ix_deliveries_result_id", ("result_id",)),
+    },
 }
 FOREIGN_KEYS = {
     "runs": {("fk_runs_study_id_studies", "studies", "CASCADE")},
     "results": {("fk_results_run_id_runs", "runs", "CASCADE")},
     "trend_config": set(),
+    "deliveries": {
+        ("fk_deliveries_run_id_runs", "runs", "CASCADE"),
+        ("fk_deliveries_result_id_results", "results", "CASCADE"),
+    },
 }
 CHECKS = {
     "studies": {
@@ -67,6 +76,7 @@ CHECKS = {
     "runs": {"ck_runs_run_state", "ck_runs_attempts_nonnegative"},
     "results": {"ck_results_volume_ml_nonnegative", "ck_results_n_slices_positive"},
     "trend_config": {"ck_trend_config_single_row", "ck_trend_config_window_positive"},
+    "deliveries": {"ck_deliveries_delivery_state", "ck_deliveries_attempts_nonnegative"},
 }
 
 
