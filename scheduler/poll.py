@@ -9,8 +9,8 @@ Nothing stays stuck:
 
 * a run still ``queued`` after ``ICHVOL_QUEUED_TIMEOUT_S`` (a lost message, a send that
   failed, a scheduler killed between commit and send) is sent again;
-* a run ``running`` for longer than the hard time limit plus a grace period lost its
-  worker: it is queued again, or marked ``dead`` once it used ``ICHVOL_MAX_ATTEMPTS``.
+* a run ``running`` for longer than the hard time limit plus ``ICHVOL_LOST_RUN_GRACE_S``
+  lost its worker: it is queued again, or marked ``dead`` once it used ``ICHVOL_MAX_ATTEMPTS``.
 
 Cost: one streamed listing, then a few set-based statements per poll, never one
 database round trip per object or per study.
@@ -40,7 +40,6 @@ log = logging.getLogger(__name__)
 #: Sends one run to the workers: ``(run_id, task_id)``. Raises on broker trouble.
 Enqueue = Callable[[int, str], None]
 
-GRACE_S = 60.0
 CHUNK = 1000
 
 
@@ -139,7 +138,7 @@ def recover(sessions: Any, *, settings: Settings, now: datetime) -> tuple[list[t
     conditional update, so two schedulers never both re-send it.
     """
     queued_before = now - timedelta(seconds=settings.queued_timeout_s)
-    running_before = now - timedelta(seconds=settings.hard_time_limit_s + GRACE_S)
+    running_before = now - timedelta(seconds=settings.hard_time_limit_s + settings.lost_run_grace_s)
     with db.transaction(sessions) as session:
         dead = db.rowcount(
             session.execute(

@@ -13,11 +13,17 @@ like a DICOM data set (group 0x0002 or 0x0008) and then carry the essential UIDs
 
 Symbolic links are never followed out of the study folder: linked folders are not
 entered, and a linked file counts only when its target lies inside the folder.
+
+Files are parsed from a read-only memory map, never through ``file.read(n)``: pydicom
+reads each element with the length the file declares, and a buffered file object
+allocates that many bytes before it finds the file shorter (a corrupt 2 kB file
+declaring a 4 GB element cost 4 GB). A memory map returns at most what the file holds.
 """
 
 from __future__ import annotations
 
 import logging
+import mmap
 import os
 import re
 import stat
@@ -26,7 +32,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, cast
 
 import pydicom
 from pydicom.dataset import Dataset
@@ -88,6 +94,49 @@ class StudyFiles:
     warnings: tuple[str, ...]
 
 
+#: A quoted value in a message: from the first quote to the last quote of the same kind
+#: (pydicom quotes with repr(), so a name with an apostrophe is double-quoted).
+_QUOTED = re.compile(r"(['\"]).*\1", re.S)
+
+
+def redact_quoted(text: str) -> str:
+    """``text`` with every quoted value replaced by ``'…'``: pydicom quotes offending values
+    (a patient name, a birth date) in its validation warnings and log records."""
+    return _QUOTED.sub("'…'", text)
+
+
+class RedactQuotedValues(logging.Filter):
+    """A logging filter that removes quoted values from records (see :func:`redact_quoted`)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        redacted = redact_quoted(text)
+        if redacted != text:
+            record.msg, record.args = redacted, None
+        return True
+
+
+def _add_filter(name: str) -> None:
+    target = logging.getLogger(name)
+    if not any(isinstance(f, RedactQuotedValues) for f in target.filters):
+        target.addFilter(RedactQuotedValues())
+
+
+def redact_warnings() -> None:
+    """Route warnings through logging (``py.warnings``) with quoted values removed.
+
+    For worker processes: a warning raised outside :func:`quiet_pydicom` (highdicom copying
+    a patient name, a decoder plugin) would otherwise reach stderr, and the worker's log,
+    with the value in it. Process-wide and thread-safe, unlike ``warnings.catch_warnings``.
+    """
+    logging.captureWarnings(True)
+    _add_filter("py.warnings")
+
+
+# pydicom logs each validation warning as well as raising it.
+_add_filter("pydicom")
+
+
 def must_propagate(exc: BaseException) -> bool:
     """Whether a broad "bad file" handler must re-raise ``exc`` instead of judging the file.
 
@@ -114,7 +163,8 @@ def quiet_pydicom() -> Iterator[None]:
             yield
         finally:
             for w in caught:
-                logger.debug("pydicom: %s", w.message)
+                # pydicom quotes offending values, which can be patient names or birth dates.
+                logger.debug("pydicom: %s", redact_quoted(str(w.message))[:200])
 
 
 def list_study_files(study_dir: Path, *, max_files: int) -> tuple[list[Path], list[str]]:
@@ -211,24 +261,23 @@ def read_header(path: Path, *, root: Path) -> DicomHeader | None:
             forced = _needs_force(fp)
             if forced is None:
                 return None
-            size = os.fstat(fp.fileno()).st_size
-            try:
-                with quiet_pydicom():
-                    ds = pydicom.dcmread(fp, stop_before_pixels=True, force=forced)
-                    at = fp.tell()
-                    # stop_before_pixels leaves the file at the Pixel Data tag, if there is one.
-                    has_pixel_data = at < size and fp.read(2) == _PIXEL_DATA_GROUP
-                    return _header_from_dataset(ds, path=path, forced=forced, has_pixel_data=has_pixel_data)
-            except OSError:
-                raise
-            # pydicom raises a zoo of exception types on damaged or non-DICOM bytes (EOFError,
-            # struct.error, ValueError, KeyError, UnicodeDecodeError, ...): all mean "not a readable
-            # DICOM image" here.
-            except BaseException as exc:
-                if must_propagate(exc):
-                    raise
-                logger.debug("not a readable DICOM image: %s (%s)", _relative(path, root), type(exc).__name__)
-                return None
+            with _mapped(fp) as mapped:  # opening and mapping are the only file I/O
+                try:
+                    with quiet_pydicom():
+                        ds = pydicom.dcmread(cast(BinaryIO, mapped), stop_before_pixels=True, force=forced)
+                        at = mapped.tell()
+                        # stop_before_pixels leaves the file at the Pixel Data tag, if there is one.
+                        has_pixel_data = at < mapped.size() and mapped.read(2) == _PIXEL_DATA_GROUP
+                        return _header_from_dataset(ds, path=path, forced=forced, has_pixel_data=has_pixel_data)
+                # pydicom raises a zoo of exception types on damaged or non-DICOM bytes (EOFError,
+                # struct.error, ValueError, KeyError, UnicodeDecodeError, RecursionError, and OSError
+                # "No tag to read"): parsing a memory map does no I/O, so all mean "not a readable
+                # DICOM image" here.
+                except BaseException as exc:
+                    if must_propagate(exc):
+                        raise
+                    logger.debug("not a readable DICOM image: %s (%s)", _relative(path, root), type(exc).__name__)
+                    return None
     except FileNotFoundError:
         raise StudyError(
             ErrorCode.STUDY_CHANGED, f"file {_relative(path, root)} disappeared while the study was read"
@@ -247,27 +296,77 @@ def read_dataset(path: Path, *, forced: bool | None = None, stop_before_pixels: 
     longer parses, :class:`TransientError` on I/O errors.
     """
     try:
-        if forced is None:
-            with path.open("rb") as fp:
+        with path.open("rb") as fp:
+            if forced is None:
                 forced = _needs_force(fp) is not False
-        with quiet_pydicom():
-            ds = pydicom.dcmread(path, stop_before_pixels=stop_before_pixels, force=forced)
+            with _mapped(fp) as mapped:  # opening and mapping are the only file I/O
+                try:
+                    with quiet_pydicom():
+                        ds = pydicom.dcmread(
+                            cast(BinaryIO, mapped), stop_before_pixels=stop_before_pixels, force=forced
+                        )
+                # See read_header: any parse failure of a file that parsed before means damage.
+                except BaseException as exc:
+                    if must_propagate(exc):
+                        raise
+                    raise StudyError(
+                        ErrorCode.CORRUPT_PIXEL_DATA,
+                        f"file {path.name} can no longer be read as DICOM ({type(exc).__name__})",
+                    ) from None
     except FileNotFoundError:
         raise StudyError(ErrorCode.STUDY_CHANGED, f"file {path.name} disappeared while the study was read") from None
     except OSError as exc:
         raise TransientError(f"could not read {path.name}: {exc.strerror or exc}") from None
-    # See read_header: any parse failure of a file that parsed before means damage.
-    except BaseException as exc:
-        if must_propagate(exc):
-            raise
-        raise StudyError(
-            ErrorCode.CORRUPT_PIXEL_DATA,
-            f"file {path.name} can no longer be read as DICOM ({type(exc).__name__})",
-        ) from None
     if forced and "TransferSyntaxUID" not in ds.file_meta:
         implicit = ds.original_encoding[0]
         ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian
     return ds
+
+
+class _MappedFile:
+    """A read-only binary file over a memory map, with a regular file's semantics: a read
+    returns at most what is left, and seeking past the end is allowed (reads there return
+    nothing), which pydicom relies on when it looks for a delimiter in a cut file."""
+
+    def __init__(self, mapped: mmap.mmap | None) -> None:
+        self._mapped = mapped
+        self._size = mapped.size() if mapped is not None else 0
+        self._position = 0
+
+    def read(self, size: int | None = -1) -> bytes:
+        start = min(self._position, self._size)
+        end = self._size if size is None or size < 0 else min(self._size, start + size)
+        self._position = max(self._position, end)
+        return self._mapped[start:end] if self._mapped is not None else b""
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        base = {os.SEEK_SET: 0, os.SEEK_CUR: self._position, os.SEEK_END: self._size}[whence]
+        if base + offset < 0:
+            raise ValueError("negative seek position")
+        self._position = base + offset
+        return self._position
+
+    def tell(self) -> int:
+        return self._position
+
+    def size(self) -> int:
+        return self._size
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+
+@contextmanager
+def _mapped(fp: BinaryIO) -> Iterator[_MappedFile]:
+    """A read-only memory map of the open file ``fp`` (an empty file maps to nothing)."""
+    if os.fstat(fp.fileno()).st_size == 0:
+        yield _MappedFile(None)
+        return
+    with mmap.mmap(fp.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+        yield _MappedFile(mapped)
 
 
 def _needs_force(fp: BinaryIO) -> bool | None:

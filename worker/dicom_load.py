@@ -19,7 +19,7 @@ from pydicom.dataset import Dataset
 
 from worker import geometry
 from worker.ct import CtSeries, SliceRef, StudyInfo
-from worker.dicom_files import must_propagate, read_dataset, scan_study
+from worker.dicom_files import must_propagate, quiet_pydicom, read_dataset, scan_study
 from worker.errors import ErrorCode, StudyError
 from worker.hu import to_hu
 from worker.series_selection import SelectionRules, UsableSeries, select_series
@@ -50,13 +50,17 @@ def load_study(study_dir: Path, *, rules: SelectionRules) -> CtSeries:
     for i, header in enumerate(chosen.headers):
         label = _relative(header.path, files.root)
         ds = read_dataset(header.path, forced=header.forced)
-        if "PixelData" not in ds and header.has_pixel_data:
+        has_float_pixels = "FloatPixelData" in ds or "DoubleFloatPixelData" in ds
+        if ("PixelData" not in ds and header.has_pixel_data and not has_float_pixels) or _pixel_data_cut_short(ds):
             # The scan saw the Pixel Data tag; pydicom drops an element the file ends inside
-            # (encapsulated data cut short).
+            # (encapsulated data cut short) and keeps a native one shorter than its declared length.
             raise StudyError(ErrorCode.TRUNCATED_FILE, f"{label} is truncated: the file ends inside its pixel data")
-        if study is None:
-            study = study_info(ds)
-        slice_hu = to_hu(ds, label=label)
+        # Values are converted on access (names, dates): keep pydicom's warnings, which quote
+        # them, out of the logs.
+        with quiet_pydicom():
+            if study is None:
+                study = study_info(ds)
+            slice_hu = to_hu(ds, label=label)
         if slice_hu.shape != (chosen.rows, chosen.columns):
             raise StudyError(
                 ErrorCode.INCONSISTENT_GEOMETRY,
@@ -105,6 +109,16 @@ def load_study(study_dir: Path, *, rules: SelectionRules) -> CtSeries:
         series_description=chosen.summary.series_description,
         warnings=warnings,
     )
+
+
+def _pixel_data_cut_short(ds: Dataset) -> bool:
+    """Whether native Pixel Data holds fewer bytes than its element declares (a lying or cut file)."""
+    element = ds.get_item(0x7FE00010) if "PixelData" in ds else None
+    length = getattr(element, "length", None)
+    value = getattr(element, "value", None)
+    if not isinstance(length, int) or length == 0xFFFFFFFF or not isinstance(value, bytes | bytearray):
+        return False
+    return len(value) < length
 
 
 def read_source_headers(series: CtSeries) -> list[pydicom.Dataset]:

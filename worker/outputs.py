@@ -192,10 +192,25 @@ def _check_source_images(source_images: Sequence[pydicom.Dataset], data: MaskArr
             )
 
 
+def _unknown_charset(ds: pydicom.Dataset) -> bool:
+    from pydicom.charset import python_encoding
+
+    terms = ds.get("SpecificCharacterSet") or []
+    if isinstance(terms, str):
+        terms = [terms]
+    return any(str(term).strip() and str(term).strip() not in python_encoding for term in terms)
+
+
 def _with_type2_attributes(ds: pydicom.Dataset) -> pydicom.Dataset:
-    """``ds`` itself if it has every Type 2 patient/study attribute, else a copy with them empty."""
+    """``ds`` itself if the SEG can copy its patient/study attributes as they are, else a copy.
+
+    The copy has every missing Type 2 patient/study attribute (empty) and, where
+    SpecificCharacterSet names an encoding no one knows, Latin-1 (ISO_IR 100) instead: it
+    maps every byte, so names survive byte for byte rather than failing the whole SEG.
+    """
     missing = [kw for kw in _TYPE2_PATIENT_STUDY if kw not in ds]
-    if not missing:
+    bad_charset = _unknown_charset(ds)
+    if not missing and not bad_charset:
         return ds
     # A new top-level dataset sharing the elements (pixel data is not copied); copy.copy of a
     # pydicom Dataset would share its element dictionary and modify the caller's dataset.
@@ -206,6 +221,8 @@ def _with_type2_attributes(ds: pydicom.Dataset) -> pydicom.Dataset:
         header.file_meta = ds.file_meta
     for keyword in missing:
         setattr(header, keyword, None)
+    if bad_charset:  # a new element: the copy shares the caller's element objects
+        header["SpecificCharacterSet"] = pydicom.DataElement(0x00080005, "CS", "ISO_IR 100")
     return header
 
 

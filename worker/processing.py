@@ -13,7 +13,11 @@ Idempotency and exactly-one-result rules:
 * **finish**: the result row and the run state are written in one transaction,
   conditional on the claim token: if another delivery took the run over meanwhile,
   this one writes nothing. ``results.run_id`` is unique.
-* permanent failures delete whatever artefacts this run uploaded (no orphans).
+* permanent failures delete whatever artefacts this run uploaded (no orphans), but only
+  after the failure was recorded under this delivery's claim: a delivery that was taken
+  over never deletes the artefacts of the delivery that replaced it.
+* the hard time limit kills the pool process: the worker's parent process records the
+  run as failed (``time_limit``) and deletes its artefacts (:func:`record_hard_time_limit`).
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from typing import Any
 from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy import update
 
-from worker import db
+from worker import db, read_ahead
 from worker.ct import CtSeries, StudyInfo
 from worker.errors import ErrorCode, ModelFileError, StudyError, TransientError
 from worker.logs import log_context
@@ -90,9 +94,72 @@ def _safe_key_part(text: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in text) or "model"
 
 
+def _claimer_is_gone(worker: str | None) -> bool:
+    """Whether the process that last claimed a run (``hostname:pid``) is known to be dead:
+    it ran on this host and no process has its pid. Elsewhere, or alive: not known."""
+    host, _, pid = (worker or "").rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def _bury_if_lost_every_time(deps: WorkerDeps, session: Any, run_id: int) -> str | None:
+    """Mark the run ``dead`` if every one of its deliveries lost its process; its artefact prefix.
+
+    A study that kills the pool process (a decoder crash, out of memory) is redelivered at
+    once by ``reject_on_worker_lost``, each delivery restarting the scheduler's clock: it
+    would loop for ever. A redelivery that finds the run ``running`` after
+    ``ICHVOL_MAX_ATTEMPTS`` deliveries, claimed by a process of this host that no longer
+    exists, buries it instead. A claimer alive, or on another host, may still be working.
+    """
+    run = session.get(Run, run_id)
+    max_attempts = deps.settings.max_attempts
+    if run is None or run.state is not RunState.RUNNING or run.attempts < max_attempts:
+        return None
+    if not _claimer_is_gone(run.worker):
+        return None
+    buried = db.rowcount(
+        session.execute(
+            update(Run)
+            .where(Run.id == run_id, Run.state == RunState.RUNNING, Run.attempts == run.attempts)
+            .values(
+                state=RunState.DEAD,
+                finished_at=now_utc(),
+                error_code=ErrorCode.WORKER_LOST.value,
+                error_message=(
+                    f"the worker process died on each of {run.attempts} deliveries (a crash or out of memory "
+                    "while reading or measuring this study); it is not delivered again"
+                ),
+            )
+        )
+    )
+    if not buried:
+        return None
+    study = session.get(Study, run.study_id)
+    return artefact_prefix(
+        results_prefix=deps.settings.results_prefix,
+        study_id=run.study_id,
+        fingerprint=study.fingerprint if study is not None else "",
+        model_version=run.model_version,
+    )
+
+
 def claim_run(deps: WorkerDeps, *, run_id: int, task_id: str | None) -> _Claim | None:
-    """Move the run to ``running`` with a fresh token, or return None if it is finished."""
+    """Move the run to ``running`` with a fresh token, or return None if it is finished
+    (or was just buried after its deliveries kept losing their process)."""
     token = uuid.uuid4().hex
+    with db.transaction(deps.sessions) as session:
+        buried = _bury_if_lost_every_time(deps, session, run_id)
+    if buried is not None:
+        _delete_artefacts(deps, buried)
+        log.error("run %s lost its worker process on every delivery; marked dead", run_id)
+        return None
     with db.transaction(deps.sessions) as session:
         row = session.execute(
             update(Run)
@@ -194,6 +261,47 @@ def fail_run(deps: WorkerDeps, *, run_id: int, code: ErrorCode, message: str) ->
         )
 
 
+def record_hard_time_limit(deps: WorkerDeps, *, run_id: int, task_id: str | None, limit_s: float) -> bool:
+    """Record a run whose pool process the hard time limit killed: failed, ``time_limit``.
+
+    Runs in the worker's parent process (the killed process cannot). Only a run still
+    ``running`` under this task id is touched, so a run another delivery finished is left
+    alone. The run's artefacts are deleted (the killed process may have uploaded some).
+    Returns whether the run was marked failed.
+    """
+    message = f"the study took longer than the hard time limit of {limit_s:.0f} s and its worker process was stopped"
+    conditions = [Run.id == run_id, Run.state == RunState.RUNNING]
+    if task_id:
+        conditions.append(Run.celery_task_id == task_id)
+    with db.transaction(deps.sessions) as session:
+        row = session.execute(
+            update(Run)
+            .where(*conditions)
+            .values(
+                state=RunState.FAILED,
+                finished_at=now_utc(),
+                error_code=ErrorCode.TIME_LIMIT.value,
+                error_message=message,
+            )
+            .returning(Run.study_id, Run.model_version)
+        ).first()
+        if row is None:
+            return False
+        study = session.get(Study, row.study_id)
+        fingerprint = study.fingerprint if study is not None else ""
+    _delete_artefacts(
+        deps,
+        artefact_prefix(
+            results_prefix=deps.settings.results_prefix,
+            study_id=int(row.study_id),
+            fingerprint=fingerprint,
+            model_version=row.model_version,
+        ),
+    )
+    log.warning("run %s hit the hard time limit; recorded as failed", run_id)
+    return True
+
+
 def _update_study_identifiers(session: Any, study_id: int, info: StudyInfo) -> None:
     study = session.get(Study, study_id)
     if study is None:
@@ -255,6 +363,13 @@ def _download_study(deps: WorkerDeps, claim: _Claim, dest: Path) -> None:
         raise StudyError(
             ErrorCode.STUDY_CHANGED,
             "the exported study changed after it was registered; the new export is measured as a new version",
+        )
+    # Refuse before downloading: the same limit the loader applies to the folder.
+    if len(objects) > deps.settings.max_files:
+        raise StudyError(
+            ErrorCode.TOO_MANY_FILES,
+            f"the study folder holds {len(objects)} files, more than {deps.settings.max_files}; "
+            "split the export or raise ICHVOL_MAX_FILES",
         )
     deps.export_store.download_prefix(claim.prefix, dest, keys=[o.key for o in objects])
 
@@ -342,12 +457,17 @@ def _process_claimed(deps: WorkerDeps, claim: _Claim) -> RunOutcome:
                 segmenter = deps.segmenter
             except ModelFileError as exc:
                 raise TransientError(f"model not available on this worker: {exc.message}") from exc
-            _download_study(deps, claim, scratch / "study")
+            # A study read ahead while the previous one was measured starts decoded (worker.read_ahead).
+            series = read_ahead.take(deps, run_id=claim.run_id, fingerprint=claim.fingerprint, dest=scratch / "study")
+            if series is None:
+                _download_study(deps, claim, scratch / "study")
+            read_ahead.start_next(deps, current_run_id=claim.run_id)
             outcome = segment_study(
                 study_dir=scratch / "study",
                 out_dir=scratch / "out",
                 segmenter=segmenter,
                 options=SegmentationOptions.from_settings(settings),
+                series=series,
             )
             if not outcome.ok:
                 assert outcome.error is not None
@@ -361,8 +481,8 @@ def _process_claimed(deps: WorkerDeps, claim: _Claim) -> RunOutcome:
             log.info("run succeeded: %.2f mL", row.volume_ml)
             return RunOutcome(run_id=claim.run_id, state=RunState.SUCCEEDED.value, volume_ml=row.volume_ml)
         except StudyError as error:
-            _delete_artefacts(deps, prefix)
-            _finish(deps, claim, state=RunState.FAILED, error_code=error.code.value, error_message=error.message)
+            if _finish(deps, claim, state=RunState.FAILED, error_code=error.code.value, error_message=error.message):
+                _delete_artefacts(deps, prefix)
             log.info("run failed permanently: %s", error.code.value)
             return RunOutcome(
                 run_id=claim.run_id,
@@ -374,15 +494,15 @@ def _process_claimed(deps: WorkerDeps, claim: _Claim) -> RunOutcome:
             release_for_retry(deps, claim, message=error.message, delay_s=settings.retry_backoff_s)
             raise
         except SoftTimeLimitExceeded:
-            _delete_artefacts(deps, prefix)
             message = f"the study took longer than the soft time limit of {settings.soft_time_limit_s:.0f} s"
-            _finish(
+            if _finish(
                 deps,
                 claim,
                 state=RunState.FAILED,
                 error_code=ErrorCode.TIME_LIMIT.value,
                 error_message=message,
-            )
+            ):
+                _delete_artefacts(deps, prefix)
             log.warning("run hit the soft time limit")
             return RunOutcome(
                 run_id=claim.run_id,
@@ -392,9 +512,9 @@ def _process_claimed(deps: WorkerDeps, claim: _Claim) -> RunOutcome:
             )
         except Exception as error:  # a bug or an input no check foresaw: recorded, never retried
             log.exception("run failed with an internal error")
-            _delete_artefacts(deps, prefix)
             message = f"internal error ({type(error).__name__}): {error}"
-            _finish(deps, claim, state=RunState.FAILED, error_code=ErrorCode.INTERNAL.value, error_message=message)
+            if _finish(deps, claim, state=RunState.FAILED, error_code=ErrorCode.INTERNAL.value, error_message=message):
+                _delete_artefacts(deps, prefix)
             return RunOutcome(
                 run_id=claim.run_id,
                 state=RunState.FAILED.value,

@@ -86,7 +86,12 @@ def build_deps(
         from worker.model import load_segmenter
 
         framework.set_threads(settings.inference_threads)
-        return load_segmenter(settings.model_path, batch_size=settings.inference_batch_size)
+        return load_segmenter(
+            settings.model_path,
+            batch_size=settings.inference_batch_size,
+            engine=settings.inference_engine,
+            threads=settings.inference_threads,
+        )
 
     return WorkerDeps(
         settings=settings,
@@ -162,9 +167,11 @@ def _write_status() -> None:
 
 def init_pool_process(settings: Settings) -> None:
     """Runs in each pool process after the fork: build dependencies and load the model."""
+    from worker.dicom_files import redact_warnings
     from worker.logs import configure_logging
 
     configure_logging(level=settings.log_level, fmt=settings.log_format)
+    redact_warnings()  # warnings quote header values (patient names): log them without
     _status.clear()
     _status.update(loaded=False, device=None, load_error=None, succeeded=0, failed=0)
     try:

@@ -11,8 +11,10 @@ A series is usable when, checked in this order:
    ``ONLY_DERIVED``);
 3. it is not a localizer (ImageType LOCALIZER; else ``ONLY_LOCALIZERS``);
 4. its images are single-frame CT Image Storage (else ``MULTIFRAME_UNSUPPORTED``);
-5. rows x columns is at most ``max_slice_pixels`` (else ``TOO_LARGE``) and every image
-   has the same rows and columns (else ``INCONSISTENT_GEOMETRY``);
+5. every image has Rows and Columns of at least :data:`MIN_IMAGE_SIDE` (else
+   ``UNSUPPORTED_PIXEL_FORMAT``), rows x columns is at most ``max_slice_pixels`` (else
+   ``TOO_LARGE``) and every image has the same rows and columns (else
+   ``INCONSISTENT_GEOMETRY``);
 6. every image has pixel data (else ``MISSING_PIXEL_DATA``), ImagePositionPatient,
    ImageOrientationPatient and PixelSpacing (else ``MISSING_GEOMETRY``), finite and
    positive spacing and orthonormal cosines (else ``INVALID_GEOMETRY``), the same
@@ -56,6 +58,8 @@ ENHANCED_CT_STORAGE = "1.2.840.10008.5.1.4.1.1.2.1"
 LEGACY_ENHANCED_CT_STORAGE = "1.2.840.10008.5.1.4.1.1.2.2"
 SECONDARY_CAPTURE_PREFIX = "1.2.840.10008.5.1.4.1.1.7"  # .7 and the multi-frame .7.1 to .7.4
 
+#: Smallest Rows or Columns of a CT image worth measuring (a 1x1 "image" measures 0 mL).
+MIN_IMAGE_SIDE = 16
 #: Positions closer than this along the normal (mm) are the same slice.
 DUPLICATE_TOLERANCE_MM = 0.01
 #: Largest difference between images of one series in a direction cosine.
@@ -75,6 +79,7 @@ _MESSAGE_HEAD = {
         "multi-frame (enhanced) CT is not supported; export the series as single-frame CT images"
     ),
     ErrorCode.TOO_LARGE: "the CT series is too large to process",
+    ErrorCode.UNSUPPORTED_PIXEL_FORMAT: "the images of the CT series have an unusable pixel format",
     ErrorCode.INCONSISTENT_GEOMETRY: "the slices of the CT series disagree on their geometry",
     ErrorCode.MISSING_PIXEL_DATA: "images of the CT series have no pixel data",
     ErrorCode.MISSING_GEOMETRY: "the CT series lacks position, orientation or pixel spacing tags",
@@ -182,6 +187,18 @@ def evaluate_series(headers: Sequence[DicomHeader], *, rules: SelectionRules) ->
     if others:
         return reject(ErrorCode.NO_CT_SERIES, f"SOP class {others[0]} is not CT Image Storage")
 
+    bad_sizes = sorted(
+        {
+            "unreadable" if h.rows is None or h.columns is None else f"{h.rows}x{h.columns}"
+            for h in headers
+            if h.rows is None or h.columns is None or h.rows < MIN_IMAGE_SIDE or h.columns < MIN_IMAGE_SIDE
+        }
+    )
+    if bad_sizes:
+        return reject(
+            ErrorCode.UNSUPPORTED_PIXEL_FORMAT,
+            f"Rows x Columns {', '.join(bad_sizes)}: a CT image has at least {MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE} pixels",
+        )
     sizes = {(h.rows or 0, h.columns or 0) for h in headers}
     largest = max(r * c for r, c in sizes)
     if largest > rules.max_slice_pixels:
@@ -297,7 +314,8 @@ def _derived_reason(headers: Sequence[DicomHeader]) -> str | None:
         if len(h.image_type) >= 2 and h.image_type[0] == "DERIVED" and h.image_type[1] == "SECONDARY":
             return "derived/secondary image (ImageType DERIVED\\SECONDARY)"
     for h in headers:
-        if h.rows is None or h.columns is None:
+        # A CT Image Storage object without usable Rows/Columns is a broken image (rule 5).
+        if (h.rows is None or h.columns is None) and h.sop_class_uid != CT_IMAGE_STORAGE:
             return f"not an image (no Rows/Columns; SOP class {h.sop_class_uid}), e.g. a dose report"
         if (h.samples_per_pixel or 1) != 1:
             return f"colour image ({h.samples_per_pixel} samples per pixel): a screenshot, not CT"

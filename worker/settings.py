@@ -102,6 +102,19 @@ class Settings:
     inference_threads: int = _setting(
         "ICHVOL_INFERENCE_THREADS", 0, "TensorFlow intra-op threads per process; 0: all cores."
     )
+    inference_engine: str = _setting(
+        "ICHVOL_INFERENCE_ENGINE",
+        "keras",
+        "`keras` (float32 reference), `folded` (BatchNorm folded, float32), `folded-bf16` (bfloat16: fast on "
+        "CPUs with AMX), `onnx` (ONNX Runtime, least memory) or `auto` (`folded-bf16` where the CPU has "
+        "bfloat16 units, else `folded`); see docs/performance.md.",
+    )
+    read_ahead: bool = _setting(
+        "ICHVOL_READ_AHEAD",
+        False,
+        "While a study is measured, download and decode the oldest queued run in a thread, so the next "
+        "study starts at inference (pays off with one worker per queue, e.g. a GPU node).",
+    )
     # --- series selection ----------------------------------------------------------------
     series_max_tilt_deg: float = _setting(
         "ICHVOL_SERIES_MAX_TILT_DEG",
@@ -130,6 +143,12 @@ class Settings:
         "ICHVOL_S3_ENDPOINT_URL", None, "S3 endpoint (MinIO, SeaweedFS, ...); empty: AWS."
     )
     s3_region: str = _setting("ICHVOL_S3_REGION", "us-east-1", "S3 region name.")
+    s3_connect_timeout_s: float = _setting(
+        "ICHVOL_S3_CONNECT_TIMEOUT_S", 5.0, "Seconds an S3 connection may take before the request is retried."
+    )
+    s3_read_timeout_s: float = _setting(
+        "ICHVOL_S3_READ_TIMEOUT_S", 60.0, "Seconds S3 may stay silent on a request before it is retried."
+    )
     aws_access_key_id: str | None = _setting(
         "AWS_ACCESS_KEY_ID", None, "S3 access key; empty: boto3's own chain (role, profile).", secret=True
     )
@@ -156,6 +175,11 @@ class Settings:
     max_attempts: int = _setting(
         "ICHVOL_MAX_ATTEMPTS", 3, "Deliveries of one run (worker lost, transient errors) before it is dead."
     )
+    lost_run_grace_s: float = _setting(
+        "ICHVOL_LOST_RUN_GRACE_S",
+        60.0,
+        "A run still `running` this long past the hard time limit lost its worker: queued again, or dead.",
+    )
     # --- worker ---------------------------------------------------------------------------
     soft_time_limit_s: float = _setting(
         "ICHVOL_SOFT_TIME_LIMIT_S", 600.0, "Per-study soft time limit; the run fails with `time_limit`."
@@ -174,6 +198,73 @@ class Settings:
     pinned_model_version: str | None = _setting(
         "ICHVOL_PINNED_MODEL_VERSION", None, "Model version the trend views report; empty: the latest."
     )
+    # --- PACS: results as DICOM (SR, SEG, overlay) to a PACS; a PACS as the study source ---
+    pacs_delivery: str = _setting(
+        "ICHVOL_PACS_DELIVERY",
+        "",
+        "Where results are sent after they are stored: empty (nowhere), `stow` (DICOMweb STOW-RS), "
+        "`cstore` (DIMSE C-STORE) or `stow,cstore`.",
+    )
+    pacs_stow_url: str | None = _setting(
+        "ICHVOL_PACS_STOW_URL", None, "DICOMweb root of the PACS for STOW-RS; instances go to `<url>/studies`."
+    )
+    pacs_token: str | None = _setting(
+        "ICHVOL_PACS_TOKEN",
+        None,
+        "Bearer token for DICOMweb (STOW-RS, QIDO-RS, WADO-RS); wins over user and password.",
+        secret=True,
+    )
+    pacs_username: str | None = _setting(
+        "ICHVOL_PACS_USERNAME", None, "User for HTTP basic authentication to DICOMweb.", secret=True
+    )
+    pacs_password: str | None = _setting(
+        "ICHVOL_PACS_PASSWORD", None, "Password for HTTP basic authentication to DICOMweb.", secret=True
+    )
+    pacs_verify_tls: bool = _setting("ICHVOL_PACS_VERIFY_TLS", True, "Check the DICOMweb server's TLS certificate.")
+    pacs_ca_bundle: str | None = _setting(
+        "ICHVOL_PACS_CA_BUNDLE", None, "CA bundle (PEM file) for the DICOMweb server's TLS; empty: the system's."
+    )
+    pacs_timeout_s: float = _setting(
+        "ICHVOL_PACS_TIMEOUT_S", 60.0, "Seconds a PACS connection, request or DIMSE response may take."
+    )
+    pacs_cstore_host: str | None = _setting("ICHVOL_PACS_CSTORE_HOST", None, "Host of the PACS's DICOM (DIMSE) port.")
+    pacs_cstore_port: int = _setting("ICHVOL_PACS_CSTORE_PORT", 104, "The PACS's DICOM port.")
+    pacs_cstore_called_aet: str = _setting("ICHVOL_PACS_CSTORE_CALLED_AET", "ANY-SCP", "AE title of the PACS.")
+    pacs_cstore_calling_aet: str = _setting(
+        "ICHVOL_PACS_CSTORE_CALLING_AET", "ICHVOL", "Our AE title (the PACS must know it to accept stores)."
+    )
+    pacs_send_sr: bool = _setting("ICHVOL_PACS_SEND_SR", True, "Send the volume report (DICOM SR, TID 1500).")
+    pacs_send_seg: bool = _setting("ICHVOL_PACS_SEND_SEG", True, "Send the mask (DICOM SEG).")
+    pacs_send_overlay: bool = _setting(
+        "ICHVOL_PACS_SEND_OVERLAY", True, "Send the overlay picture as a Secondary Capture (viewers without SEG)."
+    )
+    pacs_max_attempts: int = _setting(
+        "ICHVOL_PACS_MAX_ATTEMPTS", 24, "Attempts per delivery before it is `failed` (`ichvol redeliver` resends)."
+    )
+    pacs_retry_backoff_s: float = _setting(
+        "ICHVOL_PACS_RETRY_BACKOFF_S", 30.0, "First delay before a delivery is retried; doubles each time."
+    )
+    pacs_retry_backoff_max_s: float = _setting(
+        "ICHVOL_PACS_RETRY_BACKOFF_MAX_S",
+        600.0,
+        "Longest delay between delivery attempts (keep it below the broker's visibility timeout).",
+    )
+    pacs_source_url: str | None = _setting(
+        "ICHVOL_PACS_SOURCE_URL",
+        None,
+        "DICOMweb root to find new studies (QIDO-RS) and copy them (WADO-RS) into the export bucket; empty: off.",
+    )
+    pacs_source_modality: str = _setting(
+        "ICHVOL_PACS_SOURCE_MODALITY", "CT", "Modality a PACS study must hold to be copied."
+    )
+    pacs_source_description: str | None = _setting(
+        "ICHVOL_PACS_SOURCE_DESCRIPTION",
+        None,
+        "Only studies whose description contains one of these comma-separated words (any case); empty: all.",
+    )
+    pacs_source_lookback_h: float = _setting(
+        "ICHVOL_PACS_SOURCE_LOOKBACK_H", 24.0, "Studies dated within this many hours are looked at."
+    )
     # --- logging --------------------------------------------------------------------------
     log_level: str = _setting("ICHVOL_LOG_LEVEL", "INFO", "Log level.")
     log_format: str = _setting("ICHVOL_LOG_FORMAT", "text", "`text` or `json` (one object per line).")
@@ -188,6 +279,40 @@ class Settings:
             )
         if self.log_format not in {"text", "json"}:
             raise ConfigurationError(f"ICHVOL_LOG_FORMAT must be 'text' or 'json', got {self.log_format!r}")
+        self._check_pacs()
+
+    @property
+    def pacs_targets(self) -> tuple[str, ...]:
+        """The delivery targets named by ``ICHVOL_PACS_DELIVERY`` (``"stow"``, ``"cstore"``), in order."""
+        names = [part.strip().lower() for part in self.pacs_delivery.split(",")]
+        return tuple(dict.fromkeys(name for name in names if name))
+
+    def _check_pacs(self) -> None:
+        unknown = [name for name in self.pacs_targets if name not in {"stow", "cstore"}]
+        if unknown:
+            raise ConfigurationError(
+                f"ICHVOL_PACS_DELIVERY must list 'stow' and/or 'cstore', got {self.pacs_delivery!r}"
+            )
+        if "stow" in self.pacs_targets and not self.pacs_stow_url:
+            raise ConfigurationError("ICHVOL_PACS_STOW_URL is required when ICHVOL_PACS_DELIVERY names 'stow'")
+        if "cstore" in self.pacs_targets and not self.pacs_cstore_host:
+            raise ConfigurationError("ICHVOL_PACS_CSTORE_HOST is required when ICHVOL_PACS_DELIVERY names 'cstore'")
+        urls = (("ICHVOL_PACS_STOW_URL", self.pacs_stow_url), ("ICHVOL_PACS_SOURCE_URL", self.pacs_source_url))
+        for name, url in urls:
+            if url and not url.startswith(("http://", "https://")):
+                raise ConfigurationError(f"{name} must be an http:// or https:// URL, got {url!r}")
+        if self.pacs_targets and not (self.pacs_send_sr or self.pacs_send_seg or self.pacs_send_overlay):
+            raise ConfigurationError(
+                "ICHVOL_PACS_DELIVERY is set but ICHVOL_PACS_SEND_SR, _SEG and _OVERLAY are all false"
+            )
+        if not 0 < self.pacs_cstore_port < 65536:
+            raise ConfigurationError(f"ICHVOL_PACS_CSTORE_PORT must be 1..65535, got {self.pacs_cstore_port}")
+        for name, aet in (
+            ("ICHVOL_PACS_CSTORE_CALLED_AET", self.pacs_cstore_called_aet),
+            ("ICHVOL_PACS_CSTORE_CALLING_AET", self.pacs_cstore_calling_aet),
+        ):
+            if not 0 < len(aet.strip()) <= 16 or not aet.isascii() or "\\" in aet:
+                raise ConfigurationError(f"{name} must be 1 to 16 ASCII characters without '\\', got {aet!r}")
 
     @property
     def visibility_timeout_s(self) -> float:

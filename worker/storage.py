@@ -274,7 +274,9 @@ def make_s3_client(settings: Settings) -> Any:
     """A boto3 S3 client for ``settings`` (endpoint, region, credentials; None: boto3's own chain).
 
     Path-style addressing (MinIO, SeaweedFS and AWS all accept it), adaptive retries
-    (5 attempts), 5 s connect and 60 s read timeouts. Thread-safe; create one per process
+    (5 attempts), connect and read timeouts from ``ICHVOL_S3_CONNECT_TIMEOUT_S`` and
+    ``ICHVOL_S3_READ_TIMEOUT_S`` (5 s and 60 s by default: a server that stalls a request
+    costs one timeout, then the request is retried). Thread-safe; create one per process
     after fork.
     """
     import boto3
@@ -282,8 +284,8 @@ def make_s3_client(settings: Settings) -> Any:
 
     config = Config(
         retries={"max_attempts": 5, "mode": "adaptive"},
-        connect_timeout=5,
-        read_timeout=60,
+        connect_timeout=settings.s3_connect_timeout_s,
+        read_timeout=settings.s3_read_timeout_s,
         s3={"addressing_style": "path"},
     )
     session = boto3.session.Session()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 import shutil
 import subprocess
 from collections.abc import Callable
@@ -56,7 +57,8 @@ def run_config(path: Path) -> subprocess.CompletedProcess[str]:
         text=True,
         timeout=60,
         check=False,
-        env={"PATH": "/usr/bin:/bin"},  # no host variables: the file's own defaults are checked
+        # no host variables: the file's own defaults are checked, plus the required credentials
+        env={"PATH": "/usr/bin:/bin", **checks.COMPOSE_ENV},
     )
 
 
@@ -180,10 +182,26 @@ def test_a_setting_renamed_in_the_code_breaks_the_check(compose: Compose, monkey
     assert any("ICHVOL_BROKER_URL is not a variable" in p for p in checks.compose_problems(compose))
 
 
-def test_dev_credentials_are_obviously_dev_only(compose: Compose) -> None:
+def test_no_credential_value_is_committed(compose: Compose) -> None:
+    """Passwords come from the operator's environment / .env: required, never defaulted."""
+    text = checks.COMPOSE_FILE.read_text()
+    for var in checks.COMPOSE_CREDENTIALS:
+        uses = re.findall(r"\$\{" + var + r"(:?[-?][^}]*)?\}", text)
+        assert uses, f"{var} is not used"
+        assert all(op.startswith(":?") for op in uses), f"{var} must be required (${{{var}:?...}}), not defaulted"
     env = checks.compose_environment({"environment": services_env(compose)})
-    for var in ("AWS_SECRET_ACCESS_KEY", "ICHVOL_DATABASE_URL"):
-        assert "dev" in env[var], f"{var} in docker-compose.yml must be an obviously dev-only default"
+    assert env["AWS_SECRET_ACCESS_KEY"] == checks.COMPOSE_ENV["MINIO_ROOT_PASSWORD"]
+    assert checks.COMPOSE_ENV["POSTGRES_PASSWORD"] in env["ICHVOL_DATABASE_URL"]
+
+
+@needs_docker_compose
+def test_docker_compose_refuses_to_start_without_the_passwords() -> None:
+    assert DOCKER_COMPOSE is not None
+    result = subprocess.run(
+        [DOCKER_COMPOSE, "-f", str(checks.COMPOSE_FILE), "--project-directory", str(checks.REPO_ROOT), "config", "-q"],
+        capture_output=True, text=True, timeout=60, check=False, env={"PATH": "/usr/bin:/bin"},
+    )
+    assert result.returncode != 0 and "POSTGRES_PASSWORD" in result.stderr + result.stdout
 
 
 @pytest.mark.parametrize(

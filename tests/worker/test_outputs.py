@@ -249,6 +249,20 @@ def test_seg_accepts_anonymised_headers_without_type2_patient_attributes(tmp_pat
     assert "PatientBirthDate" not in datasets[0], "the caller's datasets are not modified"
 
 
+def test_seg_reads_an_unknown_character_set_as_latin1(tmp_path: Path) -> None:
+    _, datasets = _series(tmp_path, orientation=AXIAL)
+    first = datasets[0]
+    first.SpecificCharacterSet = "ISO_IR 999"  # no such encoding; the bytes below are Latin-1
+    first["PatientName"] = pydicom.DataElement(0x00100010, "PN", b"M\xfcller^J\xf6rg")
+    mask = np.zeros((5, 24, 32), dtype=np.uint8)
+    mask[1, 2:5, 2:5] = 1
+    path = tmp_path / "seg.dcm"
+    write_seg(path, mask=mask, source_images=datasets, model_name="DR-UNet", model_version="1")
+    seg = pydicom.dcmread(path)
+    assert str(seg.PatientName) == "M\u00fcller^J\u00f6rg"
+    assert first.SpecificCharacterSet == "ISO_IR 999", "the caller's dataset is not modified"
+
+
 def test_seg_without_frame_of_reference_is_a_study_error(tmp_path: Path) -> None:
     _, datasets = _series(tmp_path, orientation=AXIAL)
     del datasets[2].FrameOfReferenceUID
