@@ -42,6 +42,10 @@ def process_run_task(self: Any, run_id: int) -> dict[str, Any]:
         raise self.retry(exc=exc, countdown=delay) from None
     if not outcome.skipped:
         runtime.record_processed(succeeded=outcome.state == "succeeded")
+    if settings.pacs_targets and (outcome.state == "succeeded" or outcome.skipped):
+        from worker.delivery_tasks import enqueue_delivery  # after the commit; sends pending deliveries only
+
+        enqueue_delivery(run_id=int(run_id), deps=deps)
     return {
         "run_id": outcome.run_id,
         "state": outcome.state,
