@@ -30,16 +30,22 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sqlalchemy import event  # noqa: E402
+from sqlalchemy import event
 
-from scheduler.poll import poll_once  # noqa: E402
-from worker import db  # noqa: E402
-from worker.settings import Settings  # noqa: E402
-from worker.storage import LocalStore  # noqa: E402
-from worker.weights import ModelInfo  # noqa: E402
+from scheduler.poll import poll_once
+from worker import db
+from worker.settings import Settings
+from worker.storage import LocalStore
+from worker.weights import ModelInfo
 
 MODEL = ModelInfo(
-    name="DR-UNet", architecture="drunet", dims=8, input_size=128, hu_window=(-20, 100), version="bench", sha256="0" * 64
+    name="DR-UNet",
+    architecture="drunet",
+    dims=8,
+    input_size=128,
+    hu_window=(-20, 100),
+    version="bench",
+    sha256="0" * 64,
 )
 
 
@@ -96,7 +102,9 @@ def main() -> int:
         with tempfile.TemporaryDirectory() as tmp:
             started = time.perf_counter()
             n_studies = make_bucket(Path(tmp), objects=args.objects, per_study=args.per_study)
-            print(f"bucket: {args.objects} objects in {n_studies} studies written in {time.perf_counter() - started:.1f} s")
+            print(
+                f"bucket: {args.objects} objects in {n_studies} studies written in {time.perf_counter() - started:.1f} s"
+            )
             settings = Settings.from_env({}).replace(
                 database_url=url, export_bucket=tmp, export_prefix="", quiet_period_s=0.0
             )

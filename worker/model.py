@@ -24,6 +24,7 @@ This module reaches TensorFlow/Keras only through :mod:`worker.framework`.
 
 from __future__ import annotations
 
+import logging
 import tempfile
 import zipfile
 from dataclasses import replace
@@ -34,8 +35,10 @@ import numpy as np
 import numpy.typing as npt
 
 from worker import framework
-from worker.errors import ModelFileError
-from worker.weights import ModelInfo, read_model_info, resolve_model_path, sha256_of, write_model_info
+from worker.errors import ConfigurationError, ModelFileError
+from worker.weights import ModelInfo, Segmenter, read_model_info, resolve_model_path, sha256_of, write_model_info
+
+log = logging.getLogger(__name__)
 
 ARCHITECTURES = ("drunet", "unet")
 DISPLAY_NAMES = {"drunet": "DR-UNet", "unet": "UNet"}
@@ -184,11 +187,13 @@ def load_keras_model(path: Path) -> Any:
 
 
 class KerasSegmenter:
-    """A loaded model behind the :class:`worker.weights.Segmenter` protocol.
+    """A loaded model behind the :class:`worker.weights.Segmenter` protocol (the float32 reference).
 
     Inference runs through one compiled function at a fixed batch shape (the last
     batch is padded): calling the model eagerly on large batches costs many GB.
     """
+
+    engine = "keras"
 
     def __init__(self, model: Any, info: ModelInfo, *, batch_size: int = 8) -> None:
         self._model = model
@@ -228,29 +233,68 @@ class LazySegmenter:
 
     ``ichvol segment`` uses it so that an unusable study fails in milliseconds, before
     TensorFlow is imported; :meth:`load` lets the pipeline time the loading on its own.
+    ``engine`` and ``threads`` are passed to :func:`load_segmenter`; an unknown engine
+    fails here, before anything loads.
     """
 
-    def __init__(self, model_path: str | Path | None = None, *, batch_size: int = 8) -> None:
+    def __init__(
+        self, model_path: str | Path | None = None, *, batch_size: int = 8, engine: str = "keras", threads: int = 0
+    ) -> None:
         self._path, _ = resolve_model_path(model_path)
         self._info = read_model_info(self._path)
         self._batch_size = batch_size
-        self._loaded: KerasSegmenter | None = None
+        self._engine = _checked_engine(engine)
+        self._threads = threads
+        self._loaded: Segmenter | None = None
 
     @property
     def info(self) -> ModelInfo:
         return self._info
 
-    def load(self) -> KerasSegmenter:
+    def load(self) -> Segmenter:
         if self._loaded is None:
-            self._loaded = load_segmenter(self._path, batch_size=self._batch_size)
+            self._loaded = load_segmenter(
+                self._path, batch_size=self._batch_size, engine=self._engine, threads=self._threads
+            )
         return self._loaded
 
     def predict(self, images: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
         return self.load().predict(images)
 
 
-def load_segmenter(model_path: str | Path | None = None, *, batch_size: int = 8) -> KerasSegmenter:
-    """Resolve (``None``: shipped default, checksum verified), read metadata, build the segmenter."""
+def _checked_engine(engine: str) -> str:
+    from worker.fast_inference import resolve_engine
+
+    try:
+        resolve_engine(engine)
+    except ValueError as exc:
+        raise ConfigurationError(str(exc)) from None
+    return engine
+
+
+def load_segmenter(
+    model_path: str | Path | None = None,
+    *,
+    batch_size: int = 8,
+    engine: str = "keras",
+    threads: int = 0,
+    warm_up: bool = True,
+) -> Segmenter:
+    """Resolve (``None``: shipped default, checksum verified), read metadata, build the segmenter.
+
+    ``engine`` (``ICHVOL_INFERENCE_ENGINE``, see :data:`worker.fast_inference.ENGINES`):
+    ``keras`` returns the float32 reference :class:`KerasSegmenter`; the others fold the
+    model (:mod:`worker.fast_inference`). A model the folding cannot read (a layer it does
+    not know) falls back to ``keras`` with a warning. ``threads`` sets ONNX Runtime's
+    intra-op threads (0: all cores; TensorFlow's come from :func:`worker.framework.set_threads`).
+    ``warm_up`` runs one batch of zeros, so tracing and kernel set-up count as loading.
+    """
+    from worker.fast_inference import UnsupportedModelError, fast_segmenter, resolve_engine
+
+    try:
+        concrete = resolve_engine(engine)
+    except ValueError as exc:
+        raise ConfigurationError(str(exc)) from None
     path, _is_default = resolve_model_path(model_path)
     digest = sha256_of(path)
     info = read_model_info(path, sha256=digest)
@@ -260,4 +304,16 @@ def load_segmenter(model_path: str | Path | None = None, *, batch_size: int = 8)
         raise ModelFileError(
             f"{path.name}: model input {tuple(model.input_shape)} does not match its metadata {expected_shape}"
         )
-    return KerasSegmenter(model, replace(info, sha256=digest), batch_size=batch_size)
+    info = replace(info, sha256=digest)
+    segmenter: Segmenter | None = None
+    if concrete != "keras":
+        try:
+            segmenter = fast_segmenter(model, info, engine=concrete, batch_size=batch_size, threads=threads)
+            log.info("inference engine %s (asked: %s)", concrete, engine)
+        except UnsupportedModelError as exc:
+            log.warning("inference engine %s cannot run %s (%s); using keras", concrete, path.name, exc)
+    if segmenter is None:
+        segmenter = KerasSegmenter(model, info, batch_size=batch_size)
+    if warm_up:  # trace and build the kernels now, not in the first study's inference
+        segmenter.predict(np.zeros((1, info.input_size, info.input_size), dtype=np.float32))
+    return segmenter

@@ -177,7 +177,9 @@ def test_a_poll_costs_a_constant_number_of_statements(tmp_path, pg_migrated_url:
             (bucket / f"S{s:04d}").mkdir(parents=True)
             for i in range(5):
                 (bucket / f"S{s:04d}" / f"{i}.dcm").write_bytes(b"x")
-        settings = Settings.from_env({}).replace(database_url=pg_migrated_url, export_bucket=str(bucket), quiet_period_s=0)
+        settings = Settings.from_env({}).replace(
+            database_url=pg_migrated_url, export_bucket=str(bucket), quiet_period_s=0
+        )
         counts = []
         for _ in range(2):  # first poll registers, second finds nothing new
             seen = 0

@@ -1,0 +1,1 @@
+"""Benchmarks: run by hand (``python -m benchmarks.run``), never inside the test suite."""

@@ -1,0 +1,48 @@
+"""CI smoke run of the performance benchmark: ``benchmarks/run.py --quick`` produces its table.
+
+The quick run uses a tiny model and study, so its figures say nothing about speed; what
+is checked is that every part runs and reports: each inference path, the stages of
+``ichvol segment``, worker memory, and each target with PASS or FAIL.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.mark.timeout(900)
+def test_quick_benchmark_prints_the_table(tmp_path: Path) -> None:
+    report_path = tmp_path / "report.json"
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/run.py", "--quick", "--work", str(tmp_path / "work"), "--json", str(report_path)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=850,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    for engine in ("keras-predict", "keras", "folded", "folded-bf16", "onnx"):
+        assert re.search(rf"^\| {re.escape(engine)} +\| [0-9.]+ +\|", out, re.MULTILINE), f"no row for {engine}"
+    assert "ichvol segment, cold, folded-bf16" in out and "warm worker, folded-bf16" in out
+    assert "seed's path vs ours" in out and "matrix-product peak" in out
+    targets = out.split("\ntargets", 1)[1]
+    verdicts = re.findall(r"\| (PASS|FAIL) +\|$", targets, re.MULTILINE)
+    assert len(verdicts) == 4, targets
+    report = json.loads(report_path.read_text())
+    engines = report["model"]["engines"]
+    assert set(engines) == {"keras-predict", "keras", "folded", "folded-bf16", "onnx"}
+    assert all(t["wall_s"] > 0 and t["rounds"] == 2 for t in engines.values())
+    assert report["memory"]["folded-bf16"]["peak_rss_mb"] > 100
+    stages = report["segment_cold"]["folded-bf16"]["stages_s"]
+    assert {"read", "preprocess", "inference", "postprocess", "write", "load_model"} <= set(stages)
