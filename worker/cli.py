@@ -38,7 +38,12 @@ def _load_segmenter(settings: Settings):  # type: ignore[no-untyped-def]
     from worker.model import LazySegmenter
 
     framework.set_threads(settings.inference_threads)
-    return LazySegmenter(settings.model_path, batch_size=settings.inference_batch_size)
+    return LazySegmenter(
+        settings.model_path,
+        batch_size=settings.inference_batch_size,
+        engine=settings.inference_engine,
+        threads=settings.inference_threads,
+    )
 
 
 # --- segment -----------------------------------------------------------------------------
@@ -251,6 +256,51 @@ def _train(args: argparse.Namespace, settings: Settings) -> int:
     return run_train_command(args, settings)
 
 
+# --- datasets, evaluation and 2-D prediction ------------------------------------------------------
+
+
+def _add_dataset(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    from worker.dataset_command import add_dataset_arguments
+
+    p = sub.add_parser("dataset", help="labelled 2-D images or CT studies to sharded TFRecords, split by patient")
+    add_dataset_arguments(p)
+    p.set_defaults(handler=_dataset)
+
+
+def _dataset(args: argparse.Namespace, settings: Settings) -> int:
+    from worker.dataset_command import run_dataset_command
+
+    return run_dataset_command(args, settings)
+
+
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    from worker.evaluate_command import add_evaluate_arguments
+
+    p = sub.add_parser("evaluate", help="the paper's metrics and figures on studies with ground truth (HTML report)")
+    add_evaluate_arguments(p)
+    p.set_defaults(handler=_evaluate)
+
+
+def _evaluate(args: argparse.Namespace, settings: Settings) -> int:
+    from worker.evaluate_command import run_evaluate_command
+
+    return run_evaluate_command(args, settings)
+
+
+def _add_predict_images(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    from worker.predict_images_command import add_predict_images_arguments
+
+    p = sub.add_parser("predict-images", help="masks and overlays for windowed 8-bit slice images (PNG/JPEG)")
+    add_predict_images_arguments(p)
+    p.set_defaults(handler=_predict_images)
+
+
+def _predict_images(args: argparse.Namespace, settings: Settings) -> int:
+    from worker.predict_images_command import run_predict_images_command
+
+    return run_predict_images_command(args, settings)
+
+
 # --- PACS: redelivery and the QIDO-RS source ------------------------------------------------
 
 
@@ -292,10 +342,13 @@ SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [  # type: ign
     _add_model_info,
     _add_redeliver,
     _add_pacs_poll,
+    _add_dataset,
+    _add_evaluate,
+    _add_predict_images,
 ]
 
 
-SERVICE_COMMANDS = {"scheduler", "demo", "run", "train"}
+SERVICE_COMMANDS = {"scheduler", "train", "pacs-poll"}
 
 
 def build_parser() -> argparse.ArgumentParser:
