@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -108,6 +109,9 @@ class CtSeries:
     selection: SeriesSelection
     series_description: str | None = None
     warnings: list[str] = field(default_factory=list)
+    #: The chosen series' pydicom datasets without pixel data, in sorted order, kept from
+    #: reading so that the DICOM SEG/SR writers need not read every file again.
+    source_headers: list[Any] | None = field(default=None, repr=False, compare=False)
 
     @property
     def n_slices(self) -> int:

@@ -47,6 +47,7 @@ def load_study(study_dir: Path, *, rules: SelectionRules) -> CtSeries:
     # Allocation only after selection checked rows*columns and the slice count.
     hu = np.empty((n, chosen.rows, chosen.columns), dtype=np.float32)
     study: StudyInfo | None = None
+    headers: list[Dataset] = []
     for i, header in enumerate(chosen.headers):
         label = _relative(header.path, files.root)
         ds = read_dataset(header.path, forced=header.forced)
@@ -68,6 +69,9 @@ def load_study(study_dir: Path, *, rules: SelectionRules) -> CtSeries:
                 f"the series is {chosen.rows}x{chosen.columns}",
             )
         hu[i] = slice_hu
+        if "PixelData" in ds:
+            del ds.PixelData  # also drops pydicom's decoded copy; the header stays for SEG/SR
+        headers.append(ds)
     assert study is not None  # selection guarantees at least one slice
 
     slabs = _slab_thicknesses(chosen, warnings)
@@ -108,6 +112,7 @@ def load_study(study_dir: Path, *, rules: SelectionRules) -> CtSeries:
         selection=outcome.selection,
         series_description=chosen.summary.series_description,
         warnings=warnings,
+        source_headers=headers,
     )
 
 
@@ -122,7 +127,12 @@ def _pixel_data_cut_short(ds: Dataset) -> bool:
 
 
 def read_source_headers(series: CtSeries) -> list[pydicom.Dataset]:
-    """The chosen series' datasets in sorted order, headers only (for DICOM SEG/SR writing)."""
+    """The chosen series' datasets in sorted order, headers only (for DICOM SEG/SR writing).
+
+    The headers kept by :func:`load_study` when there are; else each file is read again.
+    """
+    if series.source_headers is not None and len(series.source_headers) == series.n_slices:
+        return list(series.source_headers)
     return [read_dataset(ref.path, stop_before_pixels=True) for ref in series.slices]
 
 

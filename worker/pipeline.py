@@ -20,7 +20,8 @@ import json
 import logging
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -151,14 +152,14 @@ def _measure(
             raise StudyError(ErrorCode.MODEL_ERROR, f"the model failed on this series: {exc}") from exc
     with timer.stage("postprocess"):
         probabilities = preprocess.to_native(probabilities_small, fit)
-        mask = postprocess.binarize(probabilities, threshold=options.threshold)
-        if options.intracranial_only:
-            mask &= postprocess.intracranial_mask(series.hu, pixel_spacing_mm=series.pixel_spacing_mm)
-        mask = postprocess.remove_small_components(
-            mask,
+        mask = postprocess.postprocess(
+            probabilities,
+            hu=series.hu,
             pixel_spacing_mm=series.pixel_spacing_mm,
             slab_thickness_mm=series.slab_thickness_mm,
-            min_volume_ml=options.min_component_ml,
+            threshold=options.threshold,
+            min_component_ml=options.min_component_ml,
+            restrict_to_intracranial=options.intracranial_only,
         )
         volume_ml = volume.planimetric_volume_ml(
             mask, pixel_spacing_mm=series.pixel_spacing_mm, slab_thickness_mm=series.slab_thickness_mm
@@ -197,27 +198,35 @@ def write_artefacts(
     abc2_ml: float,
     segmenter: Segmenter,
 ) -> dict[str, Path]:
-    """mask.npz, mask.nii.gz, seg.dcm and overlay.png for one measured series."""
+    """mask.npz, mask.nii.gz, seg.dcm and overlay.png for one measured series.
+
+    The four writers are independent and spend their time in compression and encoding
+    code that releases the GIL, so they run side by side; the first error is raised.
+    """
     paths = {name: out_dir / file for name, file in ARTEFACT_NAMES.items() if name != "result"}
     uids = [s.sop_instance_uid for s in series.slices]
-    outputs.write_mask_npz(paths["mask_npz"], mask=mask, sop_instance_uids=uids)
-    affine = geometry.nifti_affine(series)
-    outputs.write_mask_nifti(paths["mask_nifti"], mask=mask, affine=affine)
-    outputs.write_seg(
-        paths["seg"],
-        mask=mask,
-        source_images=read_source_headers(series),
-        model_name=segmenter.info.name,
-        model_version=segmenter.info.version,
-    )
-    overlay.write_overlay_png(
-        paths["overlay"],
-        hu=series.hu,
-        mask=mask,
-        volume_ml=volume_ml,
-        abc2_ml=abc2_ml,
-        positions_mm=[s.position_mm for s in series.slices],
-    )
+    writers: list[Callable[[], None]] = [
+        lambda: outputs.write_mask_npz(paths["mask_npz"], mask=mask, sop_instance_uids=uids),
+        lambda: outputs.write_mask_nifti(paths["mask_nifti"], mask=mask, affine=geometry.nifti_affine(series)),
+        lambda: outputs.write_seg(
+            paths["seg"],
+            mask=mask,
+            source_images=read_source_headers(series),
+            model_name=segmenter.info.name,
+            model_version=segmenter.info.version,
+        ),
+        lambda: overlay.write_overlay_png(
+            paths["overlay"],
+            hu=series.hu,
+            mask=mask,
+            volume_ml=volume_ml,
+            abc2_ml=abc2_ml,
+            positions_mm=[s.position_mm for s in series.slices],
+        ),
+    ]
+    with ThreadPoolExecutor(max_workers=len(writers), thread_name_prefix="ichvol-write") as pool:
+        for future in [pool.submit(write) for write in writers]:
+            future.result()
     return paths
 
 

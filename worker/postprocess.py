@@ -126,15 +126,18 @@ def remove_small_components(
     if min_volume_ml == 0 or not binary.any():
         unchanged: MaskArray = binary.astype(np.uint8)
         return unchanged
-    labels, n = ndimage.label(binary, structure=np.ones((3, 3, 3), dtype=bool))
+    # Label only the bounding box of the mask: hematomas are small next to the volume.
+    box = tuple(slice(int(idx.min()), int(idx.max()) + 1) for idx in np.nonzero(binary))
+    labels, n = ndimage.label(binary[box], structure=np.ones((3, 3, 3), dtype=bool))
     # mL per pixel on each slice, broadcast over the labelled voxels.
-    ml_per_pixel = slabs * (row_mm * col_mm / 1000.0)
+    ml_per_pixel = slabs[box[0]] * (row_mm * col_mm / 1000.0)
     slice_of_voxel = np.nonzero(labels)[0]
     volumes_ml = np.bincount(labels[labels > 0], weights=ml_per_pixel[slice_of_voxel], minlength=n + 1)
     # Round-off guard: a component of exactly min_volume_ml must not fall below it.
     keep = volumes_ml >= min_volume_ml * (1 - 1e-9)
     keep[0] = False
-    kept: MaskArray = keep[labels].astype(np.uint8)
+    kept: MaskArray = np.zeros(mask.shape, dtype=np.uint8)
+    kept[box] = keep[labels]
     return kept
 
 
@@ -229,6 +232,24 @@ def intracranial_mask(
     return out
 
 
+def keep_intracranial(
+    mask: np.ndarray,
+    *,
+    hu: np.ndarray,
+    pixel_spacing_mm: tuple[float, float],
+) -> MaskArray:
+    """``mask`` with everything outside the skull-enclosed space removed (uint8 0/1).
+
+    Equal to ``mask & intracranial_mask(hu)`` but computes the skull rule only on the
+    slices where ``mask`` has something to remove: most slices of most studies have none.
+    """
+    out: MaskArray = (np.asarray(mask) != 0).astype(np.uint8)
+    busy = np.flatnonzero(out.reshape(out.shape[0], -1).any(axis=1))
+    if busy.size:
+        out[busy] &= intracranial_mask(hu[busy], pixel_spacing_mm=pixel_spacing_mm)
+    return out
+
+
 def postprocess(
     probabilities: np.ndarray,
     *,
@@ -249,7 +270,7 @@ def postprocess(
         raise ValueError(f"probabilities {probabilities.shape} and hu {hu.shape} must have the same shape")
     mask = binarize(probabilities, threshold=threshold)
     if restrict_to_intracranial:
-        mask &= intracranial_mask(hu, pixel_spacing_mm=pixel_spacing_mm)
+        mask = keep_intracranial(mask, hu=hu, pixel_spacing_mm=pixel_spacing_mm)
     return remove_small_components(
         mask,
         pixel_spacing_mm=pixel_spacing_mm,

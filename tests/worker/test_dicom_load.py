@@ -141,6 +141,12 @@ def test_read_source_headers_in_sorted_order_without_pixels(tmp_path: Path) -> N
     assert [h.SOPInstanceUID for h in headers] == list(written.sop_instance_uids)
     assert all("PixelData" not in h for h in headers)
     assert headers[0].PatientID == "PHANTOM-1"
+    # kept from the load (no second read), and the same when read again from the files
+    assert series.source_headers is not None and headers[0] is series.source_headers[0]
+    series.source_headers = None
+    again = read_source_headers(series)
+    assert [h.SOPInstanceUID for h in again] == list(written.sop_instance_uids)
+    assert all("PixelData" not in h for h in again)
 
 
 def test_single_compressed_real_slice_falls_back_to_slice_thickness(tmp_path: Path) -> None:

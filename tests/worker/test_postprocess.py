@@ -166,3 +166,35 @@ def test_real_head_ct_mid_slices_cover_the_brain_and_exclude_the_skull(real_ge_c
         assert 15.0 <= float(np.median(hu[i][inside[i] > 0])) <= 45.0
     assert not (inside.astype(bool) & (hu > 400)).any(), "skull or dense bone inside the mask"
     assert areas_cm2[-1] == 0.0, "the top slice holds only the vertex of the skull"
+
+
+def test_keep_intracranial_equals_the_full_rule_and_skips_empty_slices(monkeypatch: pytest.MonkeyPatch) -> None:
+    import worker.postprocess as pp
+
+    hu = np.stack([ring_skull_slice(), ring_skull_slice(), ring_skull_slice(gap_px=30)])
+    mask = np.zeros(hu.shape, dtype=np.uint8)
+    mask[0] = 1  # everything on slice 0: inside and outside the ring
+    mask[2, 10:20, 10:20] = 1  # open ring: nothing is intracranial there
+    full = mask & intracranial_mask(hu, pixel_spacing_mm=(1.0, 1.0))
+    seen: list[int] = []
+    real = pp.intracranial_mask
+
+    def counting(hu_part: np.ndarray, **kwargs: object) -> np.ndarray:
+        seen.append(hu_part.shape[0])
+        return real(hu_part, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(pp, "intracranial_mask", counting)
+    fast = pp.keep_intracranial(mask, hu=hu, pixel_spacing_mm=(1.0, 1.0))
+    np.testing.assert_array_equal(fast, full)
+    assert seen == [2], "slice 1 has no prediction and must not be processed"
+    assert fast[0].any() and not fast[0].all() and not fast[2].any()
+
+
+def test_remove_small_components_in_a_corner_of_a_large_volume() -> None:
+    mask = np.zeros((6, 64, 64), dtype=np.uint8)
+    mask[4:6, 60:64, 60:64] = 1  # 32 voxels of 1 mm^3 x 5 mm slabs = 0.16 mL
+    mask[0, 0, 0] = 1  # 5 mm^3
+    kept = remove_small_components(
+        mask, pixel_spacing_mm=(1.0, 1.0), slab_thickness_mm=np.full(6, 5.0), min_volume_ml=0.1
+    )
+    assert kept.shape == mask.shape and kept.sum() == 32 and kept[5, 63, 63] == 1 and kept[0, 0, 0] == 0
