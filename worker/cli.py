@@ -7,9 +7,11 @@ line on stderr and never a traceback; 1 an unexpected internal error.
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from worker.ct import DISCLAIMER
@@ -222,100 +224,60 @@ def _check(args: argparse.Namespace, settings: Settings) -> int:
     return 0 if all(ok for ok, _ in results.values()) else 1
 
 
-# --- trends ------------------------------------------------------------------------------------
+# --- commands that live in their own module ---------------------------------------------------
 
 
-def _add_trends(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    from worker.trends import add_trends_arguments
+@dataclass(frozen=True)
+class ModuleCommand:
+    """A subcommand whose module provides ``add_<stem>_arguments`` and ``run_<stem>_command``.
 
-    p = sub.add_parser("trends", help="hematoma volume timelines and expansion (from the database)")
-    add_trends_arguments(p)
-    p.set_defaults(handler=_trends)
+    The module is imported when the parser is built (for its argument definitions); its
+    heavy dependencies are imported only inside ``run_<stem>_command``.
+    """
 
+    name: str
+    help: str
+    module: str
+    stem: str
 
-def _trends(args: argparse.Namespace, settings: Settings) -> int:
-    from worker.trends import run_trends_command
-
-    return run_trends_command(args, settings)
-
-
-# --- training ------------------------------------------------------------------------------------
-
-
-def _add_train(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    from worker.train_command import add_train_arguments
-
-    p = sub.add_parser("train", help="train DR-UNet (or UNet) with BCE + Dice and Adam")
-    add_train_arguments(p)
-    p.set_defaults(handler=_train)
+    def register(self, sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+        module = importlib.import_module(self.module)
+        parser = sub.add_parser(self.name, help=self.help)
+        getattr(module, f"add_{self.stem}_arguments")(parser)
+        parser.set_defaults(handler=getattr(module, f"run_{self.stem}_command"))
 
 
-def _train(args: argparse.Namespace, settings: Settings) -> int:
-    from worker.train_command import run_train_command
-
-    return run_train_command(args, settings)
-
-
-# --- datasets, evaluation and 2-D prediction ------------------------------------------------------
-
-
-def _add_dataset(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    from worker.dataset_command import add_dataset_arguments
-
-    p = sub.add_parser("dataset", help="labelled 2-D images or CT studies to sharded TFRecords, split by patient")
-    add_dataset_arguments(p)
-    p.set_defaults(handler=_dataset)
-
-
-def _dataset(args: argparse.Namespace, settings: Settings) -> int:
-    from worker.dataset_command import run_dataset_command
-
-    return run_dataset_command(args, settings)
-
-
-def _add_evaluate(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    from worker.evaluate_command import add_evaluate_arguments
-
-    p = sub.add_parser("evaluate", help="the paper's metrics and figures on studies with ground truth (HTML report)")
-    add_evaluate_arguments(p)
-    p.set_defaults(handler=_evaluate)
-
-
-def _evaluate(args: argparse.Namespace, settings: Settings) -> int:
-    from worker.evaluate_command import run_evaluate_command
-
-    return run_evaluate_command(args, settings)
+MODULE_COMMANDS = (
+    ModuleCommand("train", "train DR-UNet (or UNet) with BCE + Dice and Adam", "worker.train_command", "train"),
+    ModuleCommand(
+        "dataset",
+        "labelled 2-D images or CT studies to sharded TFRecords, split by patient",
+        "worker.dataset_command",
+        "dataset",
+    ),
+    ModuleCommand(
+        "evaluate",
+        "the paper's metrics and figures on studies with ground truth (HTML report)",
+        "worker.evaluate_command",
+        "evaluate",
+    ),
+    ModuleCommand(
+        "predict-images",
+        "masks and overlays for windowed 8-bit slice images (PNG/JPEG)",
+        "worker.predict_images_command",
+        "predict_images",
+    ),
+    ModuleCommand("trends", "hematoma volume timelines and expansion (from the database)", "worker.trends", "trends"),
+    ModuleCommand(
+        "redeliver",
+        "send stored results to the PACS again (failed, pending or missing)",
+        "worker.redeliver",
+        "redeliver",
+    ),
+)
 
 
-def _add_predict_images(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    from worker.predict_images_command import add_predict_images_arguments
-
-    p = sub.add_parser("predict-images", help="masks and overlays for windowed 8-bit slice images (PNG/JPEG)")
-    add_predict_images_arguments(p)
-    p.set_defaults(handler=_predict_images)
-
-
-def _predict_images(args: argparse.Namespace, settings: Settings) -> int:
-    from worker.predict_images_command import run_predict_images_command
-
-    return run_predict_images_command(args, settings)
-
-
-# --- PACS: redelivery and the QIDO-RS source ------------------------------------------------
-
-
-def _add_redeliver(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    from worker.redeliver import add_redeliver_arguments
-
-    p = sub.add_parser("redeliver", help="send stored results to the PACS again (failed, pending or missing)")
-    add_redeliver_arguments(p)
-    p.set_defaults(handler=_redeliver)
-
-
-def _redeliver(args: argparse.Namespace, settings: Settings) -> int:
-    from worker.redeliver import run_redeliver_command
-
-    return run_redeliver_command(args, settings)
+# --- PACS: the QIDO-RS source ------------------------------------------------------------------
 
 
 def _add_pacs_poll(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -337,14 +299,9 @@ SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [  # type: ign
     _add_run,
     _add_scheduler,
     _add_check,
-    _add_train,
-    _add_trends,
+    *(command.register for command in MODULE_COMMANDS),
     _add_model_info,
-    _add_redeliver,
     _add_pacs_poll,
-    _add_dataset,
-    _add_evaluate,
-    _add_predict_images,
 ]
 
 
