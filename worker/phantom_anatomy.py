@@ -15,8 +15,12 @@ into bone.
 Typical values (from a real GE head CT and textbook ranges): air -1000 HU, scalp ~40,
 subcutaneous fat ~-90, cortical tables ~1400-1700, diploe ~350-600, grey matter ~40,
 white matter ~29, CSF ~3-10, falx ~70, calcified choroid plexus / pineal 120-300.
-This is deliberately simple (no skull base, posterior fossa or beam hardening); the
-pieces are separate so a richer head can replace :class:`HeadModel` later.
+With ``skull_base`` (:class:`worker.phantom_skull_base.SkullBase`, the default of
+:meth:`HeadModel.from_rng`) the inner table reaches deeper and a cranial floor cuts it:
+anterior, middle and posterior fossae, petrous ridges, the brainstem, fourth ventricle,
+cerebellar folia and basal cisterns above it; skull-base bone, the face, the neck and the
+shoulders below it. Without it (``skull_base=False``) the lowest slices show a bowl of bone,
+as the first version of the phantom did.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import numpy as np
 import numpy.typing as npt
 
 from worker.phantom_geometry import BoolArray, Ellipsoid, SampleGrid, Vec3
+from worker.phantom_skull_base import SkullBase
 
 FloatA = npt.NDArray[np.floating]
 AIR_HU = -1000.0
@@ -112,12 +117,19 @@ class HeadModel:
     choroid_hu: float = 220.0
     pineal_hu: float = 180.0
     fold_phases: tuple[float, float, float, float, float, float] = (0.3, 1.1, 2.0, 0.7, 2.6, 1.7)
+    skull_base: SkullBase | None = None
 
     @classmethod
-    def from_rng(cls, rng: np.random.Generator, *, calcifications: bool = True) -> HeadModel:
-        """A head with sizes varied by a few per cent and random cortical folding."""
+    def from_rng(cls, rng: np.random.Generator, *, calcifications: bool = True, skull_base: bool = True) -> HeadModel:
+        """A head with sizes varied by a few per cent and random cortical folding.
+
+        ``skull_base=True`` adds the skull base, posterior fossa, face and neck
+        (:class:`SkullBase`, drawn after every other value, so a seed gives the same upper
+        head either way) and lets the inner table reach 75 mm below the centre, where the
+        cranial floor, not the ellipsoid, closes the intracranial space.
+        """
         scale = float(rng.uniform(0.94, 1.05))
-        base = (66.0, 66.0, 81.0, 89.0, 52.0, 70.0)
+        base = (66.0, 66.0, 81.0, 89.0, 75.0 if skull_base else 52.0, 70.0)
         s = [a * scale * float(rng.uniform(0.97, 1.03)) for a in base]
         p = [float(v) for v in rng.uniform(0.0, 2 * math.pi, 6)]
         return cls(
@@ -133,6 +145,7 @@ class HeadModel:
             choroid_hu=float(rng.uniform(130.0, 300.0)),
             pineal_hu=float(rng.uniform(110.0, 260.0)),
             fold_phases=(p[0], p[1], p[2], p[3], p[4], p[5]),
+            skull_base=SkullBase.from_rng(rng, center_mm=(0.0, 0.0, 0.0), scale=scale) if skull_base else None,
         )
 
     # -- structures (ellipsoids relative to the head centre) -------------------------------
@@ -198,15 +211,22 @@ class HeadModel:
         return np.asarray(f)
 
     def intracranial_depth_mm(self, grid: SampleGrid) -> FloatA:
-        return self.inner_table.depth_mm(grid)
+        """Depth (mm, > 0 inside): to the inner table, and (with a skull base) above the floor."""
+        depth = self.inner_table.depth_mm(grid)
+        if self.skull_base is None:
+            return depth
+        return np.asarray(np.minimum(depth, self.skull_base.depth_above_floor_mm(grid)))
 
     def render(self, grid: SampleGrid) -> npt.NDArray[np.float32]:
         """Noise-free HU of the normal head at the grid points, float32 of ``grid.shape``."""
         g = grid.astype(np.float32)
         rho, grad, (ex, ey, ez) = self.inner_table.rho_and_gradient(g)
-        depth = (1.0 - rho) / grad  # > 0 inside
+        table_depth = (1.0 - rho) / grad  # > 0 inside
         skull = self.skull_thickness_mm(ex, ey, ez)
-        out = -depth  # distance outward from the inner table
+        out = -table_depth  # distance outward from the inner table
+        depth = table_depth
+        if self.skull_base is not None:
+            depth = np.minimum(table_depth, self.skull_base.depth_above_floor_mm(g))
         frac = out / skull  # 0 inner table .. 1 outer table
 
         hu = np.full(grid.shape, AIR_HU, dtype=np.float32)
@@ -244,6 +264,9 @@ class HeadModel:
             self._paint(g, hu, e, self.csf_hu - 1.0)
         for e, value in self.calcification_spheres():
             self._paint(g, hu, e, value)
+        if self.skull_base is not None:
+            self.skull_base.paint_intracranial(g, hu, inside, self.csf_hu)
+            self.skull_base.paint_lower(g, hu, table_depth, skull)
         return hu
 
     def _paint_midline(self, g: SampleGrid, hu: npt.NDArray[np.float32], depth: FloatA) -> None:

@@ -464,7 +464,9 @@ def _extra_axial_tries(
         else:
             side = -1.0 if _sides(spec.side, rng) == "right" else 1.0
             azimuth = math.radians(float(rng.uniform(-15.0, 15.0)))
-            elevation = math.radians(float(rng.uniform(0.0, 25.0)))
+            # With a skull base the cap must stay above the cranial floor: convexity collections.
+            low_elevation = 10.0 if head.skull_base is not None else 0.0
+            elevation = math.radians(float(rng.uniform(low_elevation, low_elevation + 25.0)))
             axis = np.array(
                 [
                     side * math.cos(azimuth) * math.cos(elevation),

@@ -9,7 +9,7 @@ Random streams are derived from the seed and a stream number, so the head and le
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -172,19 +172,58 @@ def blur_in_plane(
     return out, norm
 
 
-def render_on_grid(
-    grid: SampleGrid,
-    *,
-    head: HeadModel,
-    lesions: tuple[Lesion, ...],
-    pixel_spacing_mm: tuple[float, float],
-    partial_volume_mm: float,
-    noise_sigma_hu: float,
-    noise_correlation_mm: float,
-    rng: np.random.Generator,
-) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.uint8]]:
-    """HU (float32) and lesion labels (uint8) at the grid points, shape ``grid.shape`` (3-D)."""
-    hu = head.render(grid)
+def shifted_grid(grid: SampleGrid, offset_mm: float) -> SampleGrid:
+    """The same voxel centres moved ``offset_mm`` along the slice normal (partial volume in z)."""
+    if grid.index is None or offset_mm == 0.0:
+        return grid
+    n = grid.index.normal
+    frame = replace(
+        grid.index,
+        ipp=grid.index.ipp + offset_mm * n[None, :],
+        positions=grid.index.positions + offset_mm,
+    )
+    return SampleGrid(
+        x=grid.x + offset_mm * n[0],
+        y=grid.y + offset_mm * n[1],
+        z=grid.z + offset_mm * n[2],
+        shape=grid.shape,
+        index=frame,
+    )
+
+
+def mass_effect_grid(grid: SampleGrid, *, head: HeadModel, lesions: tuple[Lesion, ...], strength: float) -> SampleGrid:
+    """Where each voxel's *normal* anatomy comes from when the hematomas push the brain aside.
+
+    Each lesion (not intraventricular blood, which fills a space) of volume ``V`` acts as an
+    incompressible expansion: points at distance ``r`` from its centre move outward by
+    ``strength * R^3 / (3 r^2)`` (``R`` the radius of a sphere of volume ``V``; linear inside
+    ``R``), faded to nothing within 15 mm of the inner table so the skull never moves. The
+    returned grid samples the head at ``p - u(p)`` (no index frame: the lesion shapes and
+    labels stay on the true grid, so the truth is unchanged).
+    """
+    ux = np.zeros(grid.shape, dtype=np.float64)
+    uy = np.zeros(grid.shape, dtype=np.float64)
+    uz = np.zeros(grid.shape, dtype=np.float64)
+    x, y, z = (np.broadcast_to(a, grid.shape) for a in (grid.x, grid.y, grid.z))
+    for lesion in lesions:
+        if lesion.kind == "intraventricular" or lesion.analytic_volume_ml <= 0:
+            continue
+        radius = (3.0 * lesion.analytic_volume_ml * 1000.0 / (4.0 * math.pi)) ** (1.0 / 3.0)
+        c = lesion.center_mm
+        dx, dy, dz = x - c[0], y - c[1], z - c[2]
+        r = np.sqrt(dx * dx + dy * dy + dz * dz) + 1e-6
+        mag = strength * np.where(r > radius, radius**3 / (3.0 * r * r), r / 3.0)
+        ux += mag * dx / r
+        uy += mag * dy / r
+        uz += mag * dz / r
+    weight = np.clip(np.broadcast_to(head.inner_table.depth_mm(grid), grid.shape) / 15.0, 0.0, 1.0)
+    return SampleGrid(x=x - weight * ux, y=y - weight * uy, z=z - weight * uz, shape=grid.shape)
+
+
+def _paint_lesions(
+    grid: SampleGrid, hu: npt.NDArray[np.float32], *, head: HeadModel, lesions: tuple[Lesion, ...]
+) -> npt.NDArray[np.uint8]:
+    """Edema rims, then blood, into ``hu`` (in place); returns the lesion labels at the grid points."""
     labels = np.zeros(grid.shape, dtype=np.uint8)
     # The rim reaches rim_mm beyond the lesion (semi-axes grow by rim_mm).
     blocks = [grid.block(lesion.center_mm, lesion.bounding_radius_mm + lesion.rim_mm + 0.5) for lesion in lesions]
@@ -210,8 +249,55 @@ def render_on_grid(
         index, sub = found
         hu[index][own] = lesion.density.hu(sub)[own]
         labels[index][own] = i + 1
+    return labels
+
+
+def render_on_grid(
+    grid: SampleGrid,
+    *,
+    head: HeadModel,
+    lesions: tuple[Lesion, ...],
+    pixel_spacing_mm: tuple[float, float],
+    partial_volume_mm: float,
+    noise_sigma_hu: float,
+    noise_correlation_mm: float,
+    rng: np.random.Generator,
+    slab_offsets_mm: tuple[float, ...] = (0.0,),
+    beam_hardening: float = 0.0,
+    mass_effect: float = 0.0,
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.uint8]]:
+    """HU (float32) and lesion labels (uint8) at the grid points, shape ``grid.shape`` (3-D).
+
+    ``slab_offsets_mm``: the HU are the mean over planes moved by these offsets along the
+    normal (partial volume across the slice thickness); the labels are always those of the
+    voxel centres (offset 0), the truth contract. ``beam_hardening``: streak strength
+    (:func:`worker.ct_artifacts.beam_hardening_streaks`, per slice, before noise).
+    ``mass_effect``: see :func:`mass_effect_grid`.
+    """
+    hu = np.zeros(grid.shape, dtype=np.float32)
+    labels = np.zeros(grid.shape, dtype=np.uint8)
+    for offset in slab_offsets_mm:
+        plane = shifted_grid(grid, offset)
+        anatomy = (
+            mass_effect_grid(plane, head=head, lesions=lesions, strength=mass_effect) if mass_effect > 0 else plane
+        )
+        part = head.render(anatomy)
+        own = _paint_lesions(plane, part, head=head, lesions=lesions)
+        if offset == 0.0:
+            labels = own
+        hu += part
+    if 0.0 not in slab_offsets_mm:  # the truth is the voxel centres' shapes
+        labels = _paint_lesions(grid, np.zeros(grid.shape, dtype=np.float32), head=head, lesions=lesions)
+    if len(slab_offsets_mm) > 1:
+        hu *= np.float32(1.0 / len(slab_offsets_mm))
     if partial_volume_mm > 0:
         hu, _ = blur_in_plane(hu, sigma_mm=partial_volume_mm, pixel_spacing_mm=pixel_spacing_mm)
+    if beam_hardening > 0:
+        from worker.ct_artifacts import beam_hardening_streaks
+
+        pixel_mm = float(math.sqrt(pixel_spacing_mm[0] * pixel_spacing_mm[1]))
+        for k in range(hu.shape[0]):
+            hu[k] = beam_hardening_streaks(hu[k], pixel_mm=pixel_mm, strength=beam_hardening, rng=rng, n_angles=16)
     if noise_sigma_hu > 0:
         noise = rng.standard_normal(grid.shape, dtype=np.float32)
         if noise_correlation_mm > 0:
@@ -220,6 +306,19 @@ def render_on_grid(
         hu += np.float32(noise_sigma_hu) * noise
     np.clip(hu, -1024.0, 3071.0, out=hu)
     return hu, labels
+
+
+def slab_offsets(spec: PhantomSpec) -> tuple[float, ...]:
+    """Offsets (mm, along the normal) of the planes averaged per slice: centred, spanning the thickness."""
+    n = spec.slab_samples
+    if n <= 1:
+        return (0.0,)
+    t = spec.slice_thickness_mm
+    return (
+        tuple(float(t * ((k + 0.5) / n - 0.5)) for k in range(n))
+        if n % 2 == 0
+        else tuple(float(t * (k - (n - 1) / 2) / n) for k in range(n))
+    )
 
 
 def render_series(
@@ -232,6 +331,9 @@ def render_series(
     noise_correlation_mm: float,
     rng: np.random.Generator,
     chunk_slices: int = 32,
+    slab_offsets_mm: tuple[float, ...] = (0.0,),
+    beam_hardening: float = 0.0,
+    mass_effect: float = 0.0,
 ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.uint8]]:
     """HU and labels of a whole series, ``(slices, rows, columns)``, rendered a few slices at a
     time so memory stays bounded for long thin series (blur and noise are in-plane only)."""
@@ -248,6 +350,9 @@ def render_series(
             noise_sigma_hu=noise_sigma_hu,
             noise_correlation_mm=noise_correlation_mm,
             rng=rng,
+            slab_offsets_mm=slab_offsets_mm,
+            beam_hardening=beam_hardening,
+            mass_effect=mass_effect,
         )
     return hu, labels
 
@@ -261,7 +366,9 @@ def mask_volume_ml(labels: npt.NDArray[np.integer], geometry: PhantomGeometry, *
 
 def render_phantom(spec: PhantomSpec, seed: int) -> RenderedPhantom:
     """Render the phantom's axial series in memory (no DICOM): HU, labels, geometry and truth."""
-    head = HeadModel.from_rng(stream_rng(seed, STREAM_HEAD), calcifications=spec.calcifications)
+    head = HeadModel.from_rng(
+        stream_rng(seed, STREAM_HEAD), calcifications=spec.calcifications, skull_base=spec.skull_base
+    )
     lesions = build_lesions(spec.lesions, head=head, rng=stream_rng(seed, STREAM_LESIONS))
     positions = slice_positions_mm(spec, head=head, tilt_rad=math.radians(spec.gantry_tilt_deg), seed=seed)
     geometry = build_geometry(spec, positions_mm=positions)
@@ -273,6 +380,9 @@ def render_phantom(spec: PhantomSpec, seed: int) -> RenderedPhantom:
         noise_sigma_hu=spec.noise_sigma_hu,
         noise_correlation_mm=spec.noise_correlation_mm,
         rng=stream_rng(seed, STREAM_NOISE),
+        slab_offsets_mm=slab_offsets(spec),
+        beam_hardening=spec.beam_hardening,
+        mass_effect=spec.mass_effect,
     )
     records = []
     for i, lesion in enumerate(lesions):

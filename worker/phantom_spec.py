@@ -53,6 +53,10 @@ class PhantomSpec:
     noise_sigma_hu: float = 5.0
     noise_correlation_mm: float = 0.6
     partial_volume_mm: float = 0.45  # in-plane Gaussian sigma applied before noise
+    skull_base: bool = True  # skull base, posterior fossa, face and neck (False: the first, bowl-shaped head)
+    slab_samples: int = 1  # HU averaged over this many planes across the slice thickness (partial volume in z)
+    beam_hardening: float = 0.0  # strength of beam-hardening streaks and cupping (0 off, 1 typical)
+    mass_effect: float = 0.0  # 0..1: how far hematomas push the brain (ventricles, midline) aside
     patient_id: str | None = None  # default derived from the seed
     patient_name: str = "Phantom^Head"
     patient_birth_date: str = "19600101"
@@ -114,6 +118,9 @@ class PhantomSpec:
         need(0.0 <= self.noise_sigma_hu <= 100.0, "noise_sigma_hu must be 0 to 100")
         need(0.0 <= self.noise_correlation_mm <= 5.0, "noise_correlation_mm must be 0 to 5")
         need(0.0 <= self.partial_volume_mm <= 5.0, "partial_volume_mm must be 0 to 5")
+        need(1 <= self.slab_samples <= 9, "slab_samples must be 1 to 9")
+        need(0.0 <= self.beam_hardening <= 3.0, "beam_hardening must be 0 to 3")
+        need(0.0 <= self.mass_effect <= 1.0, "mass_effect must be 0 to 1")
         need(self.patient_sex in ("M", "F", "O"), "patient_sex must be M, F or O")
         for name in ("patient_birth_date", "study_date"):
             value = getattr(self, name)

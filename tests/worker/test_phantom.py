@@ -695,3 +695,71 @@ def test_phantom_hu_and_head_size_are_like_the_real_ge_head(real_ge_ct: Path) ->
         head = volume[len(volume) // 2] > -300
         rows = np.nonzero(head.any(axis=1))[0]
         assert 170.0 <= (rows.max() - rows.min()) * spacing <= 230.0  # front-to-back extent, mm
+
+
+# ---------------------------------------------------------------------------------------
+# Skull base, neck, partial volume across the slice, beam hardening, mass effect
+
+
+def _axial(head: HeadModel, z_mm: float, *, size: int = 96, spacing: float = 2.5) -> np.ndarray:
+    axis = (np.arange(size) - size / 2) * spacing
+    grid = SampleGrid(x=axis[None, :], y=axis[:, None], z=np.full((1, 1), z_mm), shape=(size, size))
+    return head.render(grid)
+
+
+def test_skull_base_closes_the_intracranial_space_and_the_neck_is_soft_tissue() -> None:
+    head = HeadModel.from_rng(np.random.default_rng(3))
+    assert head.skull_base is not None
+    # Below the cranial floor nothing is intracranial, though it is inside the inner-table ellipsoid.
+    low = SampleGrid.from_points([[0.0, -40.0, -55.0], [35.0, 0.0, -58.0]])
+    assert (head.inner_table.depth_mm(low) > 0).all()
+    assert (head.intracranial_depth_mm(low) < 0).all()
+    # The neck: muscle-density tissue (40-60 HU, the classic false "blood") around the spine.
+    neck = _axial(head, -120.0)
+    body = neck > -500
+    assert 0.25 < float(((neck > 40) & (neck < 62))[body].mean()) < 0.95
+    assert (neck > 600).any()  # vertebra
+    # The posterior fossa: brain between the dense petrous bone and the occipital bone.
+    fossa = _axial(head, head.skull_base.petrous_top_mm - 12.0)
+    assert (fossa > 1600).any() and ((fossa > 25) & (fossa < 45)).sum() > 200
+    # The upper head is unchanged by the skull base: same seed, same brain and skull values.
+    plain = HeadModel.from_rng(np.random.default_rng(3), skull_base=False)
+    assert plain.skull_base is None and plain.grey_hu == head.grey_hu and plain.skull_mm == head.skull_mm
+    np.testing.assert_array_equal(_axial(plain, 40.0), _axial(head, 40.0))
+
+
+def test_lesions_stay_above_the_cranial_floor() -> None:
+    spec = replace(SMALL, rows=64, columns=64, pixel_spacing_mm=(3.5, 3.5), n_slices=14, slice_thickness_mm=9.0)
+    for seed in range(4):
+        r = render_phantom(replace(spec, lesions=(LesionSpec("epidural", 30.0), LesionSpec("irregular", 35.0))), seed)
+        depth = np.broadcast_to(r.head.intracranial_depth_mm(r.geometry.grid()), r.mask.shape)
+        assert r.mask.any() and depth[r.mask > 0].min() >= 0.0
+
+
+def test_realistic_options_change_the_image_never_the_truth() -> None:
+    base = replace(SMALL, lesions=(LesionSpec("round", volume_ml=30.0, center_mm=(30.0, 0.0, 20.0)),), **CLEAN)
+    plain = render_phantom(base, 4)
+    for changes in ({"slab_samples": 3}, {"beam_hardening": 1.0}, {"mass_effect": 1.0}):
+        other = render_phantom(replace(base, **changes), 4)  # type: ignore[arg-type]
+        np.testing.assert_array_equal(other.labels, plain.labels)
+        assert other.analytic_volume_ml == plain.analytic_volume_ml
+        assert float(np.abs(other.hu - plain.hu).max()) > 20.0, changes
+    # Mass effect pushes the ventricles away from the bleed: CSF moves to the other side.
+    pushed = render_phantom(replace(base, mass_effect=1.0), 4)
+    grid = plain.geometry.grid()
+    x = np.broadcast_to(grid.x, plain.hu.shape)
+    csf = lambda hu: (hu < 15) & (hu > -20) & (np.abs(x) < 40)  # noqa: E731
+    assert float(x[csf(pushed.hu)].mean()) < float(x[csf(plain.hu)].mean()) - 0.5
+    # Blood stays blood density with partial volume in z; its mean is unchanged within noise.
+    thick = render_phantom(replace(base, slab_samples=3), 4)
+    assert abs(float(thick.hu[thick.labels > 0].mean()) - float(plain.hu[plain.labels > 0].mean())) < 15.0
+
+
+def test_bad_realistic_options_fail_with_one_clear_line() -> None:
+    for changes, message in (
+        ({"slab_samples": 0}, "slab_samples"),
+        ({"beam_hardening": -1.0}, "beam_hardening"),
+        ({"mass_effect": 2.0}, "mass_effect"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            replace(SMALL, **changes)  # type: ignore[arg-type]
