@@ -102,9 +102,8 @@ def main() -> int:
         with tempfile.TemporaryDirectory() as tmp:
             started = time.perf_counter()
             n_studies = make_bucket(Path(tmp), objects=args.objects, per_study=args.per_study)
-            print(
-                f"bucket: {args.objects} objects in {n_studies} studies written in {time.perf_counter() - started:.1f} s"
-            )
+            seconds = time.perf_counter() - started
+            print(f"bucket: {args.objects} objects in {n_studies} studies written in {seconds:.1f} s")
             settings = Settings.from_env({}).replace(
                 database_url=url, export_bucket=tmp, export_prefix="", quiet_period_s=0.0
             )

@@ -45,9 +45,7 @@ def upgrade() -> None:
         sa.Column("study_time", sa.Time(), nullable=True),
         sa.Column("study_datetime", sa.DateTime(timezone=True), nullable=True),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_studies")),
-        sa.UniqueConstraint(
-            "bucket", "prefix", "fingerprint", name=op.f("uq_studies_bucket_prefix_fingerprint")
-        ),
+        sa.UniqueConstraint("bucket", "prefix", "fingerprint", name=op.f("uq_studies_bucket_prefix_fingerprint")),
         sa.CheckConstraint("length(fingerprint) = 64", name=op.f("ck_studies_fingerprint_length")),
         sa.CheckConstraint("n_objects >= 0", name=op.f("ck_studies_n_objects_nonnegative")),
         sa.CheckConstraint("total_bytes >= 0", name=op.f("ck_studies_total_bytes_nonnegative")),
@@ -110,9 +108,7 @@ def upgrade() -> None:
         sa.Column("overlay_uri", sa.Text(), nullable=True),
         sa.Column("created_at", sa.DateTime(timezone=True), server_default=sa.func.now(), nullable=False),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_results")),
-        sa.ForeignKeyConstraint(
-            ["run_id"], ["runs.id"], name=op.f("fk_results_run_id_runs"), ondelete="CASCADE"
-        ),
+        sa.ForeignKeyConstraint(["run_id"], ["runs.id"], name=op.f("fk_results_run_id_runs"), ondelete="CASCADE"),
         sa.UniqueConstraint("run_id", name=op.f("uq_results_run_id")),
         sa.CheckConstraint("volume_ml >= 0", name=op.f("ck_results_volume_ml_nonnegative")),
         sa.CheckConstraint("n_slices > 0", name=op.f("ck_results_n_slices_positive")),

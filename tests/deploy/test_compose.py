@@ -199,7 +199,11 @@ def test_docker_compose_refuses_to_start_without_the_passwords() -> None:
     assert DOCKER_COMPOSE is not None
     result = subprocess.run(
         [DOCKER_COMPOSE, "-f", str(checks.COMPOSE_FILE), "--project-directory", str(checks.REPO_ROOT), "config", "-q"],
-        capture_output=True, text=True, timeout=60, check=False, env={"PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={"PATH": "/usr/bin:/bin"},
     )
     assert result.returncode != 0 and "POSTGRES_PASSWORD" in result.stderr + result.stdout
 

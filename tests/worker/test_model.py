@@ -15,8 +15,14 @@ from worker.errors import ModelFileError
 from worker.weights import METADATA_MEMBER, ModelInfo, read_model_info
 
 INFO = ModelInfo(
-    name="DR-UNet", architecture="drunet", dims=4, input_size=32, hu_window=(-20.0, 100.0), version="t-1",
-    training_data="unit test", validation={"val_dice_pooled": 0.5},
+    name="DR-UNet",
+    architecture="drunet",
+    dims=4,
+    input_size=32,
+    hu_window=(-20.0, 100.0),
+    version="t-1",
+    training_data="unit test",
+    validation={"val_dice_pooled": 0.5},
 )
 
 
@@ -82,12 +88,12 @@ def test_load_refuses_a_file_that_is_not_an_ichvol_model(tmp_path: Path) -> None
 
     bad = tmp_path / "x.keras"
     bad.write_bytes(b"not a zip")
-    with pytest.raises(ModelFileError, match="not a readable .keras file"):
+    with pytest.raises(ModelFileError, match=r"not a readable \.keras file"):
         load_segmenter(bad)
     plain = tmp_path / "plain.keras"
     with zipfile.ZipFile(plain, "w") as archive:
         archive.writestr("config.json", "{}")
-    with pytest.raises(ModelFileError, match="carries no ichvol.json"):
+    with pytest.raises(ModelFileError, match=r"carries no ichvol\.json"):
         load_segmenter(plain)
 
 
