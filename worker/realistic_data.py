@@ -396,8 +396,6 @@ def validation_slices(
     """Held-out phantom studies (seeds no training study uses) and the real background scan
     with no lesion, prepared exactly as inference prepares a study (model window, square
     padding, resize). Returns the slices and how many of each."""
-    from worker.phantom import render_hu
-
     images: list[F32] = []
     masks: list[U8] = []
     patients: list[str] = []
@@ -415,7 +413,6 @@ def validation_slices(
         images.append(x)
         masks.append(np.zeros(x.shape, dtype=np.uint8))
         patients += ["real-background"] * len(x)
-    _ = render_hu  # imported for its side effect of validating the phantom package early
     return SliceArrays(np.concatenate(images), np.concatenate(masks), tuple(patients)), {
         "phantom": n_phantom,
         "real_background": len(patients) - n_phantom,

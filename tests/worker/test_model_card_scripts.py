@@ -1,0 +1,68 @@
+"""The two scripts behind the model card: held-out phantom scores and overlays on real slices.
+
+Run as a user runs them (a subprocess of this interpreter), with the tiny untrained model
+so they stay fast: the figures are meaningless, the plumbing and outputs are what is checked.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import pytest
+
+from tests.conftest import REPO_ROOT
+
+SCRIPTS = REPO_ROOT / "scripts"
+
+
+def _run(script: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(SCRIPTS / script), *args],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+
+
+@pytest.mark.realdata
+def test_overlay_script_draws_a_sheet_of_every_real_slice(
+    drunet_slices: Path, tiny_model_path: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "sheet.jpg"
+    result = _run("overlay_real_slices.py", "--model", str(tiny_model_path), "--out", str(out), "--columns", "5")
+    assert result.returncode == 0, result.stderr
+    n_images = len([p for p in drunet_slices.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg")])
+    per_image = [line for line in result.stdout.splitlines() if "% of the head called hematoma" in line]
+    assert len(per_image) == n_images == 14
+    sheet = cv2.imread(str(out))
+    assert sheet is not None
+    rows = -(-n_images // 5)
+    assert sheet.shape[1] == 5 * 240  # five tiles of 240 px
+    assert sheet.shape[0] == 22 + rows * 240  # caption strip + tile rows
+
+
+def test_overlay_script_says_what_is_missing(tmp_path: Path) -> None:
+    result = _run("overlay_real_slices.py", "--images", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x.jpg"))
+    assert result.returncode == 2
+    assert "does not exist" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_evaluate_script_scores_every_kind_against_the_phantom_truth(tiny_model_path: Path, tmp_path: Path) -> None:
+    out = tmp_path / "scores.json"
+    result = _run("evaluate_default.py", "--model", str(tiny_model_path), "--quick", "--json", str(out))
+    assert result.returncode == 0, result.stderr
+    scores = json.loads(out.read_text())
+    kinds = {row["kind"] for row in scores["phantoms"]}
+    assert kinds == {"round", "irregular", "intraventricular", "subdural", "epidural"}
+    for row in scores["phantoms"]:
+        assert row["true_ml"] > 0
+        assert row["error_ml"] == pytest.approx(row["measured_ml"] - row["true_ml"])
+        assert 0.0 <= row["dice"] <= 1.0
+    assert "| kind | true volume (mL) |" in result.stdout
