@@ -58,6 +58,12 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps-per-epoch", type=int, help="batches per epoch (default: one pass)")
     p.add_argument("--no-augment", action="store_true", help="switch augmentation off")
     p.add_argument("--bn-momentum", type=float, help="BatchNorm momentum (default: Keras' 0.99; 0.5 for short runs)")
+    p.add_argument(
+        "--bn-recalibration-batches",
+        type=int,
+        default=25,
+        help="before each validation, recompute BatchNorm statistics over this many training batches (0: off)",
+    )
     p.add_argument("--mixed-precision", action="store_true", help="float16 compute where a GPU supports it")
     p.add_argument("--float16-weights", action="store_true", help="store weights at half precision (half size)")
     p.add_argument("--version", default="", help="version string stored in the weights")
@@ -167,6 +173,7 @@ def run_train_command(args: argparse.Namespace, settings: Settings) -> int:
         training_data=description,
         verbose=2 if args.quiet else 1,
         bn_momentum=args.bn_momentum,
+        bn_recalibration_batches=args.bn_recalibration_batches,
     )
     outcome = train(config, train_data=train_data, val_data=val_data)
     print(

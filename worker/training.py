@@ -20,7 +20,12 @@ model in inference mode can predict nothing while it segments well in training m
 (measured: validation Dice 0.0 in inference mode, 0.95 in training mode after 300 steps at
 learning rate 1e-2; 0.71 with momentum 0.9). ``TrainConfig.bn_momentum`` (0.5 for quick
 runs) shortens that memory; the default keeps the layers' own 0.99, right for the paper's
-50 epochs. Early in a run the thresholded validation Dice also swings between epochs (a
+50 epochs. Before each validation the moving statistics are also recomputed for the current
+weights ("precise BatchNorm", :func:`recalibrate_batchnorm`, over
+``TrainConfig.bn_recalibration_batches`` training batches without augmentation), so what
+is validated and saved is what inference will compute (measured on the default model's
+run at learning rate 1e-3: validation Dice 0.07 in inference mode before, 0.83 in
+training mode). Early in a run the thresholded validation Dice also swings between epochs (a
 model that is not yet confident sits near the 0.5 threshold): the best epoch is kept.
 
 Mixed precision (``mixed_precision=True``) computes in float16 where a GPU supports it; the
@@ -121,6 +126,7 @@ class TrainConfig:
     steps_per_epoch: int | None = None  # None: one pass over the training slices
     verbose: int = 1
     bn_momentum: float | None = None  # None: the layers' own (0.99); e.g. 0.5 for short runs
+    bn_recalibration_batches: int = 25  # precise BatchNorm before each validation (0: off)
 
 
 @dataclass
@@ -333,6 +339,46 @@ def _check_resume(work_dir: Path, config: TrainConfig) -> None:
     path.write_text(json.dumps(current, indent=1))
 
 
+def recalibrate_batchnorm(model: Any, batches: Any) -> int:
+    """Precise BatchNorm: set every BatchNormalization layer's moving mean and variance to the
+    average of its batch statistics over ``batches`` (an iterable of ``(n, S, S, 1)`` float32
+    inputs, or ``(inputs, targets)`` pairs), computed with the current weights.
+
+    Keras keeps an exponential average of batch statistics taken while the weights changed;
+    after fast learning it lags them, and inference mode (which uses it) then differs from
+    what training optimised. Returns the number of batches used (0: nothing changed).
+    The layers' momentum is restored; the weights are not touched.
+    """
+    keras = framework.keras()
+    tf = framework.tf()
+    layers = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    if not layers:
+        return 0
+    momenta = [layer.momentum for layer in layers]
+    sums_mean = [np.zeros(layer.moving_mean.shape, dtype=np.float64) for layer in layers]
+    sums_var = [np.zeros(layer.moving_variance.shape, dtype=np.float64) for layer in layers]
+    n = 0
+    try:
+        for layer in layers:
+            layer.momentum = 0.0  # each call leaves exactly that batch's statistics behind
+        step = tf.function(lambda x: model(x, training=True), reduce_retracing=True, autograph=False)
+        for batch in batches:
+            x = batch[0] if isinstance(batch, tuple | list) else batch
+            step(tf.convert_to_tensor(x, dtype=tf.float32))
+            for i, layer in enumerate(layers):
+                sums_mean[i] += np.asarray(layer.moving_mean.numpy(), dtype=np.float64)
+                sums_var[i] += np.asarray(layer.moving_variance.numpy(), dtype=np.float64)
+            n += 1
+        if n:
+            for i, layer in enumerate(layers):
+                layer.moving_mean.assign((sums_mean[i] / n).astype(np.float32))
+                layer.moving_variance.assign((sums_var[i] / n).astype(np.float32))
+    finally:
+        for layer, momentum in zip(layers, momenta, strict=True):
+            layer.momentum = momentum
+    return n
+
+
 def _export_copy(model: Any, config: TrainConfig) -> Any:
     """A fresh, uncompiled float32 copy of ``model`` for saving (no optimizer, no mixed policy)."""
     from worker.model import build_model
@@ -380,6 +426,13 @@ def _fit(
         repeat=True,
     )
     predict = tf.function(lambda x: model(x, training=False), reduce_retracing=True, autograph=False)
+    calibration = (
+        train_data.tf_dataset(
+            batch_size=config.batch_size, shuffle=True, augment=False, seed=config.seed + 1, repeat=True
+        )
+        if config.bn_recalibration_batches > 0
+        else None
+    )
 
     def model_fn(x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
         return np.asarray(predict(tf.constant(x)), dtype=np.float32)
@@ -414,6 +467,8 @@ def _fit(
 
         def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
             train_seconds = time.perf_counter() - epoch_started[0]
+            if calibration is not None:
+                recalibrate_batchnorm(model, calibration.take(config.bn_recalibration_batches))
             scores = _dice_scores(model_fn, validation, config.batch_size)
             seconds = time.perf_counter() - epoch_started[0]
             row = {

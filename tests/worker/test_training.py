@@ -243,3 +243,39 @@ def test_ichvol_train_takes_size_window_and_splits_from_prepared_data(tmp_path: 
     no_val = prepare("c", val_fraction=0.0)
     with pytest.raises(ConfigurationError, match="no validation split"):
         sources("--data", str(no_val))
+
+
+def test_precise_batchnorm_makes_inference_mode_match_the_batch_statistics() -> None:
+    """Moving statistics far from the data (as after fast learning) make inference mode
+    differ from training mode; recalibrating on the data itself closes the gap."""
+    from worker.model import build_drunet
+
+    model = build_drunet(dims=4, input_size=32, levels=3)
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((8, 32, 32, 1)) * 0.5 + 0.3).astype(np.float32)
+    bns = [layer for layer in model.layers if layer.__class__.__name__ == "BatchNormalization"]
+    assert bns
+    for layer in bns:  # stale statistics
+        layer.moving_mean.assign(np.full(layer.moving_mean.shape, 5.0, dtype=np.float32))
+        layer.moving_variance.assign(np.full(layer.moving_variance.shape, 0.01, dtype=np.float32))
+    momenta = [layer.momentum for layer in bns]
+    weights = [w.copy() for w in model.get_weights()]
+    want = np.asarray(model(x, training=True))
+    before = np.abs(np.asarray(model(x, training=False)) - want).max()
+    assert training.recalibrate_batchnorm(model, [x]) == 1
+    after = np.abs(np.asarray(model(x, training=False)) - want).max()
+    assert before > 0.05
+    assert after < 1e-3
+    assert [layer.momentum for layer in bns] == momenta
+    # Only the moving statistics changed.
+    changed = [not np.array_equal(a, b) for a, b in zip(weights, model.get_weights(), strict=True)]
+    n_stats = 2 * len(bns)
+    assert sum(changed) <= n_stats
+    # Two batches: the average of their statistics.
+    y = x * 2.0 + 1.0
+    training.recalibrate_batchnorm(model, [x])
+    mean_x = [np.asarray(layer.moving_mean).copy() for layer in bns]
+    training.recalibrate_batchnorm(model, [y])
+    mean_y = [np.asarray(layer.moving_mean).copy() for layer in bns]
+    assert training.recalibrate_batchnorm(model, [(x, None), (y, None)]) == 2
+    np.testing.assert_allclose(np.asarray(bns[0].moving_mean), (mean_x[0] + mean_y[0]) / 2, rtol=1e-4, atol=1e-5)
