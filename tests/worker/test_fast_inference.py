@@ -164,7 +164,7 @@ def test_an_unknown_engine_fails_before_the_model_loads(tiny_model_path: Path) -
     from worker.settings import Settings
 
     assert Settings.from_env({"ICHVOL_INFERENCE_ENGINE": "onnx"}).inference_engine == "onnx"
-    assert Settings.from_env({}).inference_engine == "keras"
+    assert Settings.from_env({}).inference_engine == "folded"
     with pytest.raises(ConfigurationError, match="ICHVOL_INFERENCE_ENGINE"):
         LazySegmenter(tiny_model_path, engine="fastest")
 
