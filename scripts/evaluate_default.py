@@ -89,7 +89,15 @@ def main(argv: list[str] | None = None) -> int:
                 mass_effect=0.5,
             )
             study = Path(tmp) / f"study-{n}"
-            truth = generate_study(study, spec=spec, seed=seed)
+            for attempt in range(10):  # a large lesion does not fit every head: the next seed
+                try:
+                    truth = generate_study(study, spec=spec, seed=seed + 100_000 * attempt)
+                    break
+                except ValueError as exc:
+                    print(f"{kind} {volume}: seed {seed + 100_000 * attempt}: {exc}; trying another", file=sys.stderr)
+            else:
+                print(f"{kind} {volume}: no head could hold it, skipped", file=sys.stderr)
+                continue
             outcome = segment_study(
                 study_dir=study, out_dir=Path(tmp) / f"out-{n}", segmenter=segmenter, options=options
             )
