@@ -193,8 +193,11 @@ def phantom_studies(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
 
     root = tmp_path_factory.mktemp("phantoms")
     studies = []
-    for seed in PHANTOM_SEEDS:
-        spec = PhantomSpec(rows=256, columns=256, n_slices=12, lesions=(LesionSpec("random"),))
+    # Intraparenchymal bleeds: the kinds the shipped model finds (MODEL_CARD.md), so the
+    # comparison covers real masks, not empty ones.
+    kinds = (("round", 20.0), ("irregular", 25.0), ("round", 8.0), ("irregular", 40.0))
+    for seed, (kind, volume_ml) in zip(PHANTOM_SEEDS, kinds, strict=True):
+        spec = PhantomSpec(rows=256, columns=256, n_slices=24, lesions=(LesionSpec(kind, volume_ml=volume_ml),))
         generate_study(root / f"s{seed}", spec=spec, seed=seed)
         studies.append(root / f"s{seed}")
     return studies
