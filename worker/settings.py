@@ -105,7 +105,7 @@ class Settings:
     inference_engine: str = _setting(
         "ICHVOL_INFERENCE_ENGINE",
         "folded",
-        "`folded` (BatchNorm folded into the convolutions, float32: the reference's masks, 1.5-2x faster), "
+        "`folded` (BatchNorm folded into the convolutions, float32: the reference's masks, 1.1-1.5x faster), "
         "`keras` (the float32 reference), `folded-bf16` (bfloat16: fast on "
         "CPUs with AMX), `onnx` (ONNX Runtime, least memory) or `auto` (`folded-bf16` where the CPU has "
         "bfloat16 units, else `folded`); see docs/performance.md.",
