@@ -148,13 +148,18 @@ def test_a_model_with_an_unknown_layer_is_refused_and_the_loader_keeps_keras(
     assert "cannot run odd.keras" in caplog.text
 
 
-def test_engine_names() -> None:
+def test_engine_names(caplog: pytest.LogCaptureFixture) -> None:
     amx = "processor : 0\nflags : fpu sse avx512f amx_bf16 amx_tile\n"
     plain = "processor : 0\nflags : fpu sse avx2\n"
     assert cpu_has_bf16(amx) and not cpu_has_bf16(plain)
     assert resolve_engine("auto", cpuinfo=amx) == "folded-bf16"
     assert resolve_engine("auto", cpuinfo=plain) == "folded"
     assert resolve_engine(" ONNX ") == "onnx"
+    with caplog.at_level(logging.WARNING, logger="worker.fast_inference"):
+        assert resolve_engine("folded-bf16", cpuinfo=amx) == "folded-bf16"
+        assert not caplog.records
+        assert resolve_engine("folded-bf16", cpuinfo=plain) == "folded-bf16"
+    assert "without bfloat16 units" in caplog.text
     with pytest.raises(ValueError, match="ICHVOL_INFERENCE_ENGINE"):
         resolve_engine("tensorrt")
 
