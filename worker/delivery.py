@@ -184,7 +184,8 @@ class StowSender:
         self.timeout_s = timeout_s
         self.verify = verify
         self._token = token
-        self._basic = (username, password or "") if username else None
+        self._username = username
+        self._password = password
 
     @property
     def destination(self) -> str:
@@ -194,15 +195,9 @@ class StowSender:
         return f"{parts.scheme}://{host}{port}{parts.path}"  # no user:password@ even if the URL had one
 
     def _session(self) -> Any:
-        import requests
+        from worker.pacs_source import dicomweb_session
 
-        session = requests.Session()
-        session.verify = self.verify
-        if self._token:
-            session.headers["Authorization"] = f"Bearer {self._token}"
-        elif self._basic:
-            session.auth = self._basic
-        return session
+        return dicomweb_session(token=self._token, username=self._username, password=self._password, verify=self.verify)
 
     def send(self, objects: Sequence[DicomObject]) -> SendReport:
         import requests

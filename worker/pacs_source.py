@@ -114,6 +114,21 @@ class PacsInstance:
     sop_instance_uid: str
 
 
+def dicomweb_session(*, token: str | None, username: str | None, password: str | None, verify: bool | str) -> Any:
+    """A ``requests.Session`` for a DICOMweb server: bearer token if given, else HTTP basic
+    auth if a user name is given; ``verify`` is ``requests``' TLS setting (a CA bundle path,
+    True or False)."""
+    import requests
+
+    session = requests.Session()
+    session.verify = verify
+    if token:
+        session.headers["Authorization"] = f"Bearer {token}"
+    elif username:
+        session.auth = (username, password or "")
+    return session
+
+
 class DicomwebClient:
     """QIDO-RS and WADO-RS against one DICOMweb root (``url`` without a trailing ``/``)."""
 
@@ -127,16 +142,9 @@ class DicomwebClient:
         timeout_s: float = 60.0,
         verify: bool | str = True,
     ) -> None:
-        import requests
-
         self.url = url.rstrip("/")
         self.timeout_s = timeout_s
-        self.session = requests.Session()
-        self.session.verify = verify
-        if token:
-            self.session.headers["Authorization"] = f"Bearer {token}"
-        elif username:
-            self.session.auth = (username, password or "")
+        self.session = dicomweb_session(token=token, username=username, password=password, verify=verify)
 
     @classmethod
     def from_settings(cls, settings: Settings, *, url: str) -> DicomwebClient:
