@@ -29,6 +29,18 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int, default=50)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=2e-4, help="Adam learning rate")
+    p.add_argument(
+        "--lr-schedule",
+        choices=["constant", "cosine"],
+        default="constant",
+        help="constant (the paper), or cosine decay to 1%% of --lr over the run (settles a run for the last epochs)",
+    )
+    p.add_argument(
+        "--init-weights",
+        type=Path,
+        help="fine-tune: start from this weights file (e.g. the shipped default) instead of random weights; "
+        "same architecture, --dims, input size and HU window",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work-dir", type=Path, help="checkpoints, logs and curves (default: OUT's folder/train-<name>)")
     p.add_argument("--phantoms", type=int, default=40, help="without --data: phantom studies to train and validate on")
@@ -153,6 +165,11 @@ def run_train_command(args: argparse.Namespace, settings: Settings) -> int:
     print(f"training {args.architecture} on {device}: {len(train_data)} training, {len(val_data)} validation slices")
     if args.mixed_precision and device == "CPU":
         print("ichvol: --mixed-precision has no float16 hardware to use here (no GPU); training in float16 anyway")
+    if args.init_weights is not None:
+        from worker.weights import read_model_info
+
+        start = read_model_info(args.init_weights)
+        description = f"{description}; fine-tuned from {start.version} (sha256 {start.sha256[:12]})"
     out = Path(args.out)
     config = TrainConfig(
         out_path=out,
@@ -174,6 +191,8 @@ def run_train_command(args: argparse.Namespace, settings: Settings) -> int:
         verbose=2 if args.quiet else 1,
         bn_momentum=args.bn_momentum,
         bn_recalibration_batches=args.bn_recalibration_batches,
+        init_weights=args.init_weights,
+        lr_schedule=args.lr_schedule,
     )
     outcome = train(config, train_data=train_data, val_data=val_data)
     print(

@@ -127,6 +127,12 @@ class TrainConfig:
     verbose: int = 1
     bn_momentum: float | None = None  # None: the layers' own (0.99); e.g. 0.5 for short runs
     bn_recalibration_batches: int = 25  # precise BatchNorm before each validation (0: off)
+    init_weights: Path | None = None  # fine-tune: start from this weights file instead of random weights
+    lr_schedule: str = "constant"  # "constant", or "cosine": decay to LR_FLOOR_FRACTION of it over the run
+
+
+LR_SCHEDULES = ("constant", "cosine")
+LR_FLOOR_FRACTION = 0.01  # a cosine schedule ends at 1 % of the starting learning rate
 
 
 @dataclass
@@ -303,6 +309,10 @@ def train(
         )
     if len(train_data) == 0 or len(val_data) == 0:
         raise ConfigurationError("training and validation need at least one slice each")
+    if config.lr_schedule not in LR_SCHEDULES:
+        raise ConfigurationError(f"unknown learning-rate schedule {config.lr_schedule!r}: use one of {LR_SCHEDULES}")
+    if config.init_weights is not None:
+        check_init_weights(config)
     validation = val_data.load_arrays()
     work_dir = Path(config.work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
@@ -317,7 +327,19 @@ def train(
         keras.mixed_precision.set_global_policy(previous_policy)
 
 
-_RESUME_KEYS = ("architecture", "dims", "input_size", "batch_size", "learning_rate", "hu_window", "seed")
+_RESUME_KEYS = (
+    "architecture",
+    "dims",
+    "input_size",
+    "batch_size",
+    "learning_rate",
+    "hu_window",
+    "seed",
+    "lr_schedule",
+    "init_weights",
+)
+# What a configuration file written before a key existed implies for it.
+_RESUME_DEFAULTS: dict[str, object] = {"lr_schedule": "constant", "init_weights": None}
 
 
 def _check_resume(work_dir: Path, config: TrainConfig) -> None:
@@ -325,18 +347,45 @@ def _check_resume(work_dir: Path, config: TrainConfig) -> None:
     path = work_dir / "config.json"
     current = {key: getattr(config, key) for key in _RESUME_KEYS}
     current["hu_window"] = list(config.hu_window)
+    current["init_weights"] = str(config.init_weights) if config.init_weights is not None else None
     if path.exists() and (work_dir / "backup").exists():
         try:
             saved = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError):
             saved = {}
-        changed = [key for key in _RESUME_KEYS if saved.get(key) != current[key]]
+        changed = [key for key in _RESUME_KEYS if saved.get(key, _RESUME_DEFAULTS.get(key)) != current[key]]
         if changed:
             raise ConfigurationError(
                 f"{work_dir} holds an interrupted run with another {', '.join(changed)}; "
                 "use a new --work-dir or delete that one"
             )
     path.write_text(json.dumps(current, indent=1))
+
+
+def check_init_weights(config: TrainConfig) -> ModelInfo:
+    """The metadata of ``config.init_weights``, refused unless it fits the run (no TensorFlow).
+
+    Fine-tuning starts from those weights, so the architecture, base filters, input size
+    and HU window must be the run's: a model cannot take weights of another shape, and
+    another window would change what its inputs mean.
+    """
+    from worker.weights import read_model_info
+
+    assert config.init_weights is not None
+    path = Path(config.init_weights)
+    if not path.is_file():
+        raise ConfigurationError(f"--init-weights {path} does not exist")
+    info = read_model_info(path)
+    wanted = {
+        "architecture": (info.architecture, config.architecture),
+        "dims": (info.dims, config.dims),
+        "input size": (info.input_size, config.input_size),
+        "HU window": (tuple(info.hu_window), tuple(float(v) for v in config.hu_window)),
+    }
+    different = [f"{name} {have} (run: {want})" for name, (have, want) in wanted.items() if have != want]
+    if different:
+        raise ConfigurationError(f"--init-weights {path.name} does not fit this run: {'; '.join(different)}")
+    return info
 
 
 def recalibrate_batchnorm(model: Any, batches: Any) -> int:
@@ -394,6 +443,18 @@ def _export_copy(model: Any, config: TrainConfig) -> Any:
     return copy
 
 
+def learning_rate_for(config: TrainConfig, *, steps_per_epoch: int) -> Any:
+    """Adam's learning rate: a number (``constant``), or a Keras schedule over the optimizer's
+    step count (``cosine``: from ``config.learning_rate`` down to ``LR_FLOOR_FRACTION`` of it
+    at the run's last step; resumed runs continue it, the step count is in the backup)."""
+    if config.lr_schedule == "constant":
+        return config.learning_rate
+    keras = framework.keras()
+    return keras.optimizers.schedules.CosineDecay(
+        config.learning_rate, decay_steps=config.epochs * steps_per_epoch, alpha=LR_FLOOR_FRACTION
+    )
+
+
 def _fit(
     config: TrainConfig,
     *,
@@ -408,16 +469,21 @@ def _fit(
     keras = framework.keras()
     size = config.input_size
     model = build_model(config.architecture, dims=config.dims, input_size=size)
+    if config.init_weights is not None:
+        from worker.model import load_keras_model
+
+        # A resumed run's own backup replaces these weights when fitting starts.
+        model.set_weights(load_keras_model(Path(config.init_weights)).get_weights())
     if config.bn_momentum is not None:
         for layer in model.layers:
             if isinstance(layer, keras.layers.BatchNormalization):
                 layer.momentum = float(config.bn_momentum)
+    steps = config.steps_per_epoch or max(1, -(-len(train_data) // config.batch_size))
     model.compile(
-        optimizer=keras.optimizers.Adam(learning_rate=config.learning_rate),
+        optimizer=keras.optimizers.Adam(learning_rate=learning_rate_for(config, steps_per_epoch=steps)),
         loss=losses.bce_dice_loss,
         metrics=[losses.hard_dice],
     )
-    steps = config.steps_per_epoch or max(1, -(-len(train_data) // config.batch_size))
     train_ds = train_data.tf_dataset(
         batch_size=config.batch_size,
         shuffle=True,
@@ -460,6 +526,27 @@ def _fit(
 
     started = time.perf_counter()
     epoch_started = [started]
+    if config.init_weights is not None and not history and best["epoch"] < 0:
+        # Fine-tuning: the starting weights are epoch 0, scored as they are (their own
+        # BatchNorm statistics) and kept unless an epoch beats them, so a run never hands
+        # back a model that validates worse than the one it started from.
+        scores = _dice_scores(model_fn, validation, config.batch_size)
+        history.append(
+            {
+                "epoch": 0.0,
+                "loss": float("nan"),
+                "train_dice": float("nan"),
+                **scores,
+                "seconds": 0.0,
+                "slices_per_s": 0.0,
+            }
+        )
+        best.update(epoch=0, dice=scores["val_dice_pooled"])
+        save_model(_export_copy(model, config), config.out_path, info_for(scores), float16=config.float16_weights)
+        state_path.write_text(json.dumps(best))
+        _write_logs(work_dir, history)
+        if config.verbose:
+            print(f"epoch 0 (the starting weights): val Dice {best['dice']:.3f}", flush=True)
 
     class _Validate(keras.callbacks.Callback):  # type: ignore[misc,name-defined]
         def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:

@@ -212,6 +212,17 @@ def test_a_short_cpu_run_on_phantom_studies_beats_the_baseline(tmp_path: Path) -
     dice = 2 * float((predicted & (val.masks > 0)).sum()) / (float(predicted.sum()) + truth)
     assert dice == pytest.approx(best, abs=0.02)  # a few border pixels may round the other way
 
+    # Fine-tuning from these weights through the command: epoch 0 is the starting model.
+    tuned, tuned_work = tmp_path / "tuned.keras", tmp_path / "tuned-work"
+    args = ["train", "--data", str(dataset_dir), "--out", str(tuned), "--work-dir", str(tuned_work), "--dims", "4"]
+    args += ["--epochs", "1", "--steps-per-epoch", "5", "--batch-size", "8", "--lr", "1e-3", "--quiet"]
+    assert cli.main([*args, "--init-weights", str(out), "--lr-schedule", "cosine"]) == 0
+    tuned_history = json.loads((tuned_work / "log.json").read_text())
+    assert [row["epoch"] for row in tuned_history] == [0.0, 1.0]
+    assert tuned_history[0]["val_dice_pooled"] == pytest.approx(best, abs=1e-4)
+    assert "fine-tuned from phantom-acceptance" in read_model_info(tuned).training_data
+    assert cli.main([*args, "--work-dir", str(tmp_path / "w3"), "--init-weights", str(tmp_path / "none.keras")]) != 0
+
 
 def test_ichvol_train_takes_size_window_and_splits_from_prepared_data(tmp_path: Path) -> None:
     from tests.helpers.labelled_data import write_image_folders
@@ -279,3 +290,53 @@ def test_precise_batchnorm_makes_inference_mode_match_the_batch_statistics() -> 
     mean_y = [np.asarray(layer.moving_mean).copy() for layer in bns]
     assert training.recalibrate_batchnorm(model, [(x, None), (y, None)]) == 2
     np.testing.assert_allclose(np.asarray(bns[0].moving_mean), (mean_x[0] + mean_y[0]) / 2, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_fine_tuning_starts_from_the_given_weights_and_keeps_them_unless_beaten(tmp_path: Path) -> None:
+    from worker.model import load_keras_model
+
+    data = _discs()
+    train_part, val_part = split_by_patient(data, val_fraction=0.25, seed=0)
+    start = tmp_path / "start.keras"
+    train(
+        _config(tmp_path, out_path=start, work_dir=tmp_path / "first", epochs=2),
+        train_data=train_part,
+        val_data=val_part,
+    )
+    started_from = read_model_info(start)
+
+    with pytest.raises(ConfigurationError, match=r"dims 4 \(run: 8\)"):
+        train(_config(tmp_path, dims=8, init_weights=start), train_data=train_part, val_data=val_part)
+
+    # Learning rate 0, frozen BatchNorm statistics, no recalibration: every epoch's weights are
+    # the starting ones.
+    outcome = train(
+        _config(tmp_path, init_weights=start, epochs=1, learning_rate=0.0, bn_momentum=1.0, bn_recalibration_batches=0),
+        train_data=train_part,
+        val_data=val_part,
+    )
+    assert [row["epoch"] for row in outcome.history] == [0.0, 1.0]
+    epoch0 = outcome.history[0]
+    assert epoch0["val_dice_pooled"] == pytest.approx(started_from.validation["val_dice_pooled"], abs=1e-4)
+    assert outcome.history[1]["val_dice_pooled"] == pytest.approx(epoch0["val_dice_pooled"], abs=1e-6)
+    assert outcome.best_epoch == 0  # an epoch that does not beat the start does not replace it
+    for a, b in zip(
+        load_keras_model(start).get_weights(), load_keras_model(outcome.out_path).get_weights(), strict=True
+    ):
+        np.testing.assert_array_equal(a, b)
+    # Resuming the finished fine-tuning run's directory keeps its configuration check.
+    with pytest.raises(ConfigurationError, match="init_weights"):
+        (tmp_path / "work" / "backup").mkdir()
+        train(_config(tmp_path, epochs=1, learning_rate=0.0), train_data=train_part, val_data=val_part)
+
+
+def test_the_cosine_schedule_falls_from_the_learning_rate_to_one_percent(tmp_path: Path) -> None:
+    assert training.learning_rate_for(_config(tmp_path), steps_per_epoch=10) == 1e-3
+    schedule = training.learning_rate_for(_config(tmp_path, lr_schedule="cosine", epochs=3), steps_per_epoch=10)
+    assert float(schedule(0)) == pytest.approx(1e-3)
+    assert float(schedule(15)) == pytest.approx(1e-3 * (0.01 + 0.99 * 0.5), rel=1e-4)  # half-way
+    assert float(schedule(30)) == pytest.approx(1e-5)
+    with pytest.raises(ConfigurationError, match="schedule"):
+        train(_config(tmp_path, lr_schedule="step"), train_data=_discs(n=4), val_data=_discs(n=4))
