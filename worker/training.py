@@ -646,3 +646,59 @@ def _plot_curves(work_dir: Path, history: list[dict[str, float]]) -> Path | None
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def average_weights(
+    first: Path,
+    second: Path,
+    *,
+    share_second: float,
+    out: Path,
+    version: str,
+    calibration: Any = None,
+    note: str = "",
+) -> ModelInfo:
+    """Write the weight average ``(1 - share_second) * first + share_second * second`` to ``out``.
+
+    Meant for a fine-tuned model and the model it started from (weights along one training
+    path average well; unrelated models do not). Both files must have the same architecture,
+    dims, input size and HU window. ``calibration``: an iterable of ``(n, S, S, 1)`` float32
+    input batches; when given, the BatchNorm statistics of the average are recomputed over it
+    (:func:`recalibrate_batchnorm`), since averaged weights change every layer's activations.
+    The metadata is ``second``'s with ``version``, the training description extended by how
+    the file was made (and ``note``), and the validation scores dropped (they were the
+    second model's). Returns the metadata written.
+    """
+    from dataclasses import replace
+
+    from worker.model import load_keras_model, save_model
+    from worker.weights import read_model_info
+
+    if not 0.0 <= share_second <= 1.0:
+        raise ConfigurationError(f"the share of the second model must be in [0, 1], got {share_second}")
+    info_a, info_b = read_model_info(Path(first)), read_model_info(Path(second))
+    shape_a = (info_a.architecture, info_a.dims, info_a.input_size, tuple(info_a.hu_window))
+    shape_b = (info_b.architecture, info_b.dims, info_b.input_size, tuple(info_b.hu_window))
+    if shape_a != shape_b:
+        raise ConfigurationError(f"cannot average {Path(first).name} {shape_a} with {Path(second).name} {shape_b}")
+    model_a, model_b = load_keras_model(Path(first)), load_keras_model(Path(second))
+    share = float(share_second)
+    model_b.set_weights(
+        [(1.0 - share) * a + share * b for a, b in zip(model_a.get_weights(), model_b.get_weights(), strict=True)]
+    )
+    n_batches = recalibrate_batchnorm(model_b, calibration) if calibration is not None else 0
+    how = (
+        f"weight average of {info_a.version} ({1.0 - share:.2f}) and {info_b.version} ({share:.2f})"
+        + (f", BatchNorm statistics recomputed over {n_batches} batches" if n_batches else "")
+        + (f"; {note}" if note else "")
+    )
+    info = replace(
+        info_b,
+        version=version,
+        training_data=f"{info_b.training_data}; {how}",
+        validation={},
+        created=datetime.now(UTC).isoformat(timespec="seconds"),
+        sha256="",
+    )
+    save_model(model_b, Path(out), info)
+    return info

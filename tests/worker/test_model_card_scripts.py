@@ -66,3 +66,32 @@ def test_evaluate_script_scores_every_kind_against_the_phantom_truth(tiny_model_
         assert row["error_ml"] == pytest.approx(row["measured_ml"] - row["true_ml"])
         assert 0.0 <= row["dice"] <= 1.0
     assert "| kind | true volume (mL) |" in result.stdout
+
+
+def test_average_script_writes_the_half_and_half_model_from_a_bank(tiny_model_path: Path, tmp_path: Path) -> None:
+    import numpy as np
+
+    from worker.model import load_keras_model
+    from worker.weights import read_model_info
+
+    info = read_model_info(tiny_model_path)
+    bank = tmp_path / "bank.npz"
+    rng = np.random.default_rng(0)
+    size = info.input_size
+    np.savez(bank, images=rng.integers(0, 256, (6, size, size), dtype=np.uint8), masks=np.zeros((6, size, size)))
+    out = tmp_path / "avg.keras"
+    args = [str(tiny_model_path), str(tiny_model_path), "--out", str(out), "--version", "avg-test"]
+    result = _run("average_weights.py", *args, "--bank", str(bank), "--calibration-slices", "4", "--batch-size", "2")
+    assert result.returncode == 0, result.stderr
+    assert "Research use only" in result.stdout
+    written = read_model_info(out)
+    assert written.version == "avg-test"
+    assert "recomputed over 2 batches" in written.training_data and "first 4 slices" in written.training_data
+    # A model averaged with itself keeps its weights; only BatchNorm statistics move.
+    same = [
+        np.allclose(a, b)
+        for a, b in zip(
+            load_keras_model(tiny_model_path).get_weights(), load_keras_model(out).get_weights(), strict=True
+        )
+    ]
+    assert same.count(False) > 0 and same.count(True) > same.count(False)

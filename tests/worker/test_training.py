@@ -340,3 +340,44 @@ def test_the_cosine_schedule_falls_from_the_learning_rate_to_one_percent(tmp_pat
     assert float(schedule(30)) == pytest.approx(1e-5)
     with pytest.raises(ConfigurationError, match="schedule"):
         train(_config(tmp_path, lr_schedule="step"), train_data=_discs(n=4), val_data=_discs(n=4))
+
+
+def test_average_weights_mixes_two_models_and_recomputes_batchnorm(tmp_path: Path) -> None:
+    from worker.model import build_model, load_keras_model, save_model
+    from worker.weights import ModelInfo
+
+    def saved(name: str, seed: int, dims: int = 4) -> Path:
+        from worker import framework
+
+        framework.keras().utils.set_random_seed(seed)
+        model = build_model("drunet", dims=dims, input_size=32)
+        info = ModelInfo(
+            "DR-UNet", "drunet", dims, 32, (-20.0, 100.0), f"v{seed}", "phantoms", {"val_dice_pooled": 0.5}
+        )
+        return save_model(model, tmp_path / name, info)
+
+    a, b = saved("a.keras", 1), saved("b.keras", 2)
+    wa, wb = load_keras_model(a).get_weights(), load_keras_model(b).get_weights()
+    info = training.average_weights(a, b, share_second=0.25, out=tmp_path / "mix.keras", version="mix-1")
+    mixed = load_keras_model(tmp_path / "mix.keras").get_weights()
+    for x, y, m in zip(wa, wb, mixed, strict=True):
+        np.testing.assert_allclose(m, 0.75 * x + 0.25 * y, rtol=1e-6, atol=1e-7)
+    on_disk = read_model_info(tmp_path / "mix.keras")
+    assert on_disk.version == info.version == "mix-1" and on_disk.validation == {}
+    assert "weight average of v1 (0.75) and v2 (0.25)" in on_disk.training_data
+
+    # With calibration batches, only the BatchNorm statistics differ from the plain average.
+    x = np.random.default_rng(0).normal(0.3, 0.5, (8, 32, 32, 1)).astype(np.float32)
+    training.average_weights(a, b, share_second=0.25, out=tmp_path / "cal.keras", version="mix-2", calibration=[x])
+    calibrated = load_keras_model(tmp_path / "cal.keras")
+    n_bn = sum(1 for layer in calibrated.layers if layer.__class__.__name__ == "BatchNormalization")
+    changed = sum(not np.allclose(m, c) for m, c in zip(mixed, calibrated.get_weights(), strict=True))
+    assert 0 < changed <= 2 * n_bn
+    assert "recomputed over 1 batches" in read_model_info(tmp_path / "cal.keras").training_data
+
+    with pytest.raises(ConfigurationError, match="cannot average"):
+        training.average_weights(
+            a, saved("c.keras", 3, dims=8), share_second=0.5, out=tmp_path / "x.keras", version="x"
+        )
+    with pytest.raises(ConfigurationError, match=r"\[0, 1\]"):
+        training.average_weights(a, b, share_second=1.5, out=tmp_path / "x.keras", version="x")
