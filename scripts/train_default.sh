@@ -6,12 +6,14 @@
 #
 # Needs ../shared/data/real-head-ct-ge (the BSD-2-Clause GE head CT without hemorrhage; it is
 # read, never copied). CPU only, 2 cores: generating the 10,000-slice bank takes ~8 minutes,
-# each epoch ~4 minutes; the shipped weights are epoch 13 of a run stopped after 15 (the best
-# validation epoch is kept; MODEL_CARD.md has the curve). A GPU makes it minutes. An
-# interrupted run resumes where it stopped (same command, same WORK_DIR). Then install the
-# weights as the default:
-#   cp WORK_DIR/drunet.keras worker/weights/drunet_default.keras
-#   (cd worker/weights && sha256sum drunet_default.keras > drunet_default.sha256)
+# each epoch ~4 to 5 minutes. Three steps (MODEL_CARD.md has the curves and the reasons):
+#   1. v2: 15 epochs at a constant learning rate 1e-3, the best validation epoch (13) kept;
+#   2. fine-tuning from v2: 10 epochs, cosine from 3e-4 (--init-weights), best epoch (1) kept;
+#   3. the shipped v3: the half-and-half weight average of 1 and 2, BatchNorm recomputed.
+# A GPU makes it minutes. An interrupted run resumes where it stopped (same command, same
+# WORK_DIR). Then install the weights as the default:
+#   cp WORK_DIR/drunet-v3.keras worker/weights/drunet_default.keras
+#   sha256sum worker/weights/drunet_default.keras | cut -d' ' -f1 > worker/weights/drunet_default.sha256
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -24,7 +26,7 @@ if [ ! -d "$BACKGROUND" ]; then
     exit 2
 fi
 
-# dims 8 at 160 px: what a 2-core CPU trains in an hour (MODEL_CARD.md). 100 batches of 16 per
+# 1. v2: dims 8 at 160 px, what a 2-core CPU trains in an hour (MODEL_CARD.md). 100 batches of 16 per
 # epoch; before each validation BatchNorm statistics are recomputed (precise BatchNorm); the
 # checkpoint kept is the one with the best pooled validation Dice over held-out phantoms plus
 # the unaltered real scan (false positives there count).
@@ -45,7 +47,32 @@ nice -n 10 "$ICHVOL" train \
     --work-dir "$WORK/d8" \
     --quiet
 
+# 2. Fine-tune v2 at a lower, decaying learning rate (epoch 0, v2 itself, is scored first).
+nice -n 10 "$ICHVOL" train \
+    --synthetic realistic \
+    --background-ct "$BACKGROUND" \
+    --synthetic-samples 10000 \
+    --synthetic-cache "$WORK/bank" \
+    --input-size 160 \
+    --dims 8 \
+    --batch-size 16 \
+    --lr 3e-4 \
+    --lr-schedule cosine \
+    --init-weights "$WORK/d8/drunet.keras" \
+    --epochs "${FINE_TUNE_EPOCHS:-10}" \
+    --steps-per-epoch 100 \
+    --seed 0 \
+    --version drunet-d8-s160-realistic-v3-finetuned \
+    --out "$WORK/finetune/drunet.keras" \
+    --work-dir "$WORK/finetune" \
+    --quiet
+
+# 3. The shipped model: half v2, half the fine-tuned weights; BatchNorm over 400 bank slices.
+.venv/bin/python scripts/average_weights.py "$WORK/d8/drunet.keras" "$WORK/finetune/drunet.keras" \
+    --share 0.5 --version drunet-d8-s160-realistic-v3 --out "$WORK/drunet-v3.keras" \
+    --bank "$(ls "$WORK"/bank/synthetic-*.npz | head -n 1)"
+
 # Score it as the model card reports (held-out phantoms of every kind, the real GE scan):
-.venv/bin/python scripts/evaluate_default.py --model "$WORK/d8/drunet.keras" --json "$WORK/evaluation.json"
+.venv/bin/python scripts/evaluate_default.py --model "$WORK/drunet-v3.keras" --json "$WORK/evaluation.json"
 # Overlays on the real hemorrhage slices (docs/img/):
-.venv/bin/python scripts/overlay_real_slices.py --model "$WORK/d8/drunet.keras"
+.venv/bin/python scripts/overlay_real_slices.py --model "$WORK/drunet-v3.keras"

@@ -109,7 +109,7 @@ def _measure(study: Path, out: Path, segmenter: object, truth: object) -> tuple[
             6_000_002,
             marks=pytest.mark.xfail(
                 strict=True,
-                reason="known failure mode of drunet-d8-s160-realistic-v2 (MODEL_CARD.md): subdural volumes "
+                reason="known failure mode of the default weights (MODEL_CARD.md): subdural volumes "
                 "come out 35-55 % low; a model that fixes it turns this into an unexpected pass",
             ),
         ),
