@@ -34,15 +34,21 @@ def test_quick_benchmark_prints_the_table(tmp_path: Path) -> None:
     out = proc.stdout
     for engine in ("keras-predict", "keras", "folded", "folded-bf16", "onnx"):
         assert re.search(rf"^\| {re.escape(engine)} +\| [0-9.]+ +\|", out, re.MULTILINE), f"no row for {engine}"
-    assert "ichvol segment, cold, folded-bf16" in out and "warm worker, folded-bf16" in out
+    report = json.loads(report_path.read_text())
+    engine = report["engine"]  # what auto picks on this CPU
+    assert engine in {"folded", "folded-bf16"}
+    assert f"ichvol segment, cold, {engine}" in out and f"warm worker, {engine}" in out
+    assert f"warm worker, {engine}, shipped model" in out
     assert "seed's path vs ours" in out and "matrix-product peak" in out
     targets = out.split("\ntargets", 1)[1]
     verdicts = re.findall(r"\| (PASS|FAIL) +\|$", targets, re.MULTILINE)
-    assert len(verdicts) == 4, targets
-    report = json.loads(report_path.read_text())
+    assert len(verdicts) == 6, targets
+    assert "shipped default model" in targets
     engines = report["model"]["engines"]
     assert set(engines) == {"keras-predict", "keras", "folded", "folded-bf16", "onnx"}
     assert all(t["wall_s"] > 0 and t["rounds"] == 2 for t in engines.values())
-    assert report["memory"]["folded-bf16"]["peak_rss_mb"] > 100
-    stages = report["segment_cold"]["folded-bf16"]["stages_s"]
+    assert report["memory"][engine]["peak_rss_mb"] > 100
+    stages = report["segment_cold"][engine]["stages_s"]
     assert {"read", "preprocess", "inference", "postprocess", "write", "load_model"} <= set(stages)
+    shipped = report["segment_warm_shipped"]
+    assert shipped["total_s"] > 0 and shipped["stages_s"]["inference"] > 0
