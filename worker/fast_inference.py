@@ -60,7 +60,9 @@ ENGINES = ("keras", "folded", "folded-bf16", "onnx", "auto")
 ``folded-bf16``: the folded graph in TensorFlow with bfloat16 weights and activations
 (fast only on CPUs with AMX or AVX512-BF16, or on a GPU);
 ``onnx``: the folded graph in ONNX Runtime, float32 (least memory);
-``auto``: ``folded-bf16`` where the CPU has AMX-BF16 or AVX512-BF16, else ``folded``."""
+``auto``: decided by :func:`resolve_engine` from the machine (measured in docs/performance.md):
+``folded-bf16`` where the CPU has AMX-BF16 or AVX512-BF16, ``onnx`` on AMD CPUs (ONNX Runtime
+1.3 to 2.5x faster than TensorFlow there, and installed), else ``folded``; ``folded`` when a GPU runs the model."""
 
 ACTIVATIONS = ("linear", "elu", "relu", "sigmoid")
 
@@ -685,13 +687,51 @@ def cpu_has_bf16(cpuinfo: str | None = None) -> bool:
     return False
 
 
-def resolve_engine(engine: str, *, cpuinfo: str | None = None) -> str:
-    """The concrete engine for ``engine`` (``auto`` decided from the CPU); unknown names raise ValueError."""
+def cpu_vendor(cpuinfo: str | None = None) -> str:
+    """``vendor_id`` from /proc/cpuinfo (``GenuineIntel``, ``AuthenticAMD``, ...); empty if unknown."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo", encoding="ascii", errors="replace") as fh:
+                cpuinfo = fh.read()
+        except OSError:
+            return ""
+    for line in cpuinfo.splitlines():
+        if line.startswith("vendor_id"):
+            return line.split(":", 1)[-1].strip()
+    return ""
+
+
+def onnx_runtime_installed() -> bool:
+    """Whether the ``onnx`` engine can run (the ``fast`` extra: onnxruntime and onnx)."""
+    import importlib.util
+
+    return all(importlib.util.find_spec(name) is not None for name in ("onnxruntime", "onnx"))
+
+
+def resolve_engine(
+    engine: str, *, cpuinfo: str | None = None, gpu: bool = False, onnx_available: bool | None = None
+) -> str:
+    """The concrete engine for ``engine``; unknown names raise ValueError.
+
+    ``auto``, from measurements on two CPUs (docs/performance.md): with a GPU running the
+    model, ``folded``; on a CPU with bfloat16 units (AMX, AVX512-BF16), ``folded-bf16`` (2.7x
+    ``model.predict`` on an Intel Xeon with AMX, where ONNX Runtime was slower); on an AMD CPU,
+    ``onnx`` where ONNX Runtime is installed (1.3x ``folded`` at dims 32, 2.5x on the shipped
+    dims-8 model, on an AMD EPYC, where oneDNN's float32 gains little); else ``folded``.
+    """
     name = engine.strip().lower()
     if name not in ENGINES:
         raise ValueError(f"ICHVOL_INFERENCE_ENGINE must be one of {', '.join(ENGINES)}, got {engine!r}")
     if name == "auto":
-        return "folded-bf16" if cpu_has_bf16(cpuinfo) else "folded"
+        if gpu:
+            return "folded"
+        if cpu_has_bf16(cpuinfo):
+            return "folded-bf16"
+        if cpu_vendor(cpuinfo) == "AuthenticAMD" and (
+            onnx_runtime_installed() if onnx_available is None else onnx_available
+        ):
+            return "onnx"
+        return "folded"
     if name == "folded-bf16" and not cpu_has_bf16(cpuinfo):
         log.warning(
             "ICHVOL_INFERENCE_ENGINE=folded-bf16 on a CPU without bfloat16 units: unless a GPU runs the "

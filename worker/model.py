@@ -292,7 +292,8 @@ def load_segmenter(
     from worker.fast_inference import UnsupportedModelError, fast_segmenter, resolve_engine
 
     try:
-        concrete = resolve_engine(engine)
+        gpu = engine.strip().lower() == "auto" and framework.device_description() != "CPU"
+        concrete = resolve_engine(engine, gpu=gpu)
     except ValueError as exc:
         raise ConfigurationError(str(exc)) from None
     path, _is_default = resolve_model_path(model_path)

@@ -107,8 +107,9 @@ class Settings:
         "folded",
         "`folded` (BatchNorm folded into the convolutions, float32: the reference's masks, 1.1-1.5x faster), "
         "`keras` (the float32 reference), `folded-bf16` (bfloat16: fast on "
-        "CPUs with AMX), `onnx` (ONNX Runtime, least memory) or `auto` (`folded-bf16` where the CPU has "
-        "bfloat16 units, else `folded`); see docs/performance.md.",
+        "CPUs with AMX), `onnx` (ONNX Runtime, float32: fastest on AMD CPUs, 1.3-2.5x `folded`; needs the "
+        "`fast` extra) or `auto` (`folded-bf16` where the CPU has bfloat16 units, `onnx` on AMD CPUs, else "
+        "`folded`; `folded` with a GPU); see docs/performance.md.",
     )
     read_ahead: bool = _setting(
         "ICHVOL_READ_AHEAD",

@@ -23,6 +23,7 @@ from worker.fast_inference import (
     OnnxSegmenter,
     UnsupportedModelError,
     cpu_has_bf16,
+    cpu_vendor,
     fold_keras_model,
     graph_to_onnx,
     resolve_engine,
@@ -155,6 +156,16 @@ def test_engine_names(caplog: pytest.LogCaptureFixture) -> None:
     assert resolve_engine("auto", cpuinfo=amx) == "folded-bf16"
     assert resolve_engine("auto", cpuinfo=plain) == "folded"
     assert resolve_engine(" ONNX ") == "onnx"
+    amd = "processor : 0\nvendor_id : AuthenticAMD\nflags : fpu sse avx2 fma\n"
+    amd_bf16 = "processor : 0\nvendor_id : AuthenticAMD\nflags : fpu avx512f avx512_bf16\n"
+    intel = "processor : 0\nvendor_id : GenuineIntel\nflags : fpu sse avx2\n"
+    assert cpu_vendor(amd) == "AuthenticAMD" and cpu_vendor(plain) == ""
+    assert resolve_engine("auto", cpuinfo=amd, onnx_available=True) == "onnx"
+    assert resolve_engine("auto", cpuinfo=amd, onnx_available=False) == "folded"  # no `fast` extra
+    assert resolve_engine("auto", cpuinfo=amd_bf16, onnx_available=True) == "folded-bf16"
+    assert resolve_engine("auto", cpuinfo=intel, onnx_available=True) == "folded"
+    assert resolve_engine("auto", cpuinfo=amd, gpu=True, onnx_available=True) == "folded"  # TF runs it on the GPU
+    assert resolve_engine("auto", cpuinfo=amx, gpu=True) == "folded"
     with caplog.at_level(logging.WARNING, logger="worker.fast_inference"):
         assert resolve_engine("folded-bf16", cpuinfo=amx) == "folded-bf16"
         assert not caplog.records
