@@ -26,46 +26,40 @@ if [ ! -d "$BACKGROUND" ]; then
     exit 2
 fi
 
+# What both training steps share: the same bank, model size and batches.
+DATA=(
+    --synthetic realistic
+    --background-ct "$BACKGROUND"
+    --synthetic-samples 10000
+    --synthetic-cache "$WORK/bank"
+    --input-size 160
+    --dims 8
+    --batch-size 16
+    --steps-per-epoch 100
+    --seed 0
+    --quiet
+)
+
 # 1. v2: dims 8 at 160 px, what a 2-core CPU trains in an hour (MODEL_CARD.md). 100 batches of 16 per
 # epoch; before each validation BatchNorm statistics are recomputed (precise BatchNorm); the
 # checkpoint kept is the one with the best pooled validation Dice over held-out phantoms plus
 # the unaltered real scan (false positives there count).
-nice -n 10 "$ICHVOL" train \
-    --synthetic realistic \
-    --background-ct "$BACKGROUND" \
-    --synthetic-samples 10000 \
-    --synthetic-cache "$WORK/bank" \
-    --input-size 160 \
-    --dims 8 \
-    --batch-size 16 \
+nice -n 10 "$ICHVOL" train "${DATA[@]}" \
     --lr 1e-3 \
     --epochs "${EPOCHS:-15}" \
-    --steps-per-epoch 100 \
-    --seed 0 \
     --version drunet-d8-s160-realistic-v2 \
     --out "$WORK/d8/drunet.keras" \
-    --work-dir "$WORK/d8" \
-    --quiet
+    --work-dir "$WORK/d8"
 
 # 2. Fine-tune v2 at a lower, decaying learning rate (epoch 0, v2 itself, is scored first).
-nice -n 10 "$ICHVOL" train \
-    --synthetic realistic \
-    --background-ct "$BACKGROUND" \
-    --synthetic-samples 10000 \
-    --synthetic-cache "$WORK/bank" \
-    --input-size 160 \
-    --dims 8 \
-    --batch-size 16 \
+nice -n 10 "$ICHVOL" train "${DATA[@]}" \
     --lr 3e-4 \
     --lr-schedule cosine \
     --init-weights "$WORK/d8/drunet.keras" \
     --epochs "${FINE_TUNE_EPOCHS:-10}" \
-    --steps-per-epoch 100 \
-    --seed 0 \
     --version drunet-d8-s160-realistic-v3-finetuned \
     --out "$WORK/finetune/drunet.keras" \
-    --work-dir "$WORK/finetune" \
-    --quiet
+    --work-dir "$WORK/finetune"
 
 # 3. The shipped model: half v2, half the fine-tuned weights; BatchNorm over 400 bank slices.
 .venv/bin/python scripts/average_weights.py "$WORK/d8/drunet.keras" "$WORK/finetune/drunet.keras" \
