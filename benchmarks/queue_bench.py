@@ -333,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from worker import framework
-    from worker.settings import Settings
+    from worker.core.settings import Settings
     from worker.storage import make_s3_client
 
     framework.set_threads(args.threads)

@@ -53,8 +53,8 @@ from tests.helpers.faults import (  # noqa: E402
     wait_for,
 )
 from worker import db  # noqa: E402
-from worker.errors import TransientError  # noqa: E402
-from worker.settings import Settings  # noqa: E402
+from worker.core.errors import TransientError  # noqa: E402
+from worker.core.settings import Settings  # noqa: E402
 from worker.storage import S3Store, make_s3_client  # noqa: E402
 
 SCENARIOS = (

@@ -34,7 +34,7 @@ from sqlalchemy import event
 
 from scheduler.poll import poll_once
 from worker import db
-from worker.settings import Settings
+from worker.core.settings import Settings
 from worker.storage import LocalStore
 from worker.weights import ModelInfo
 

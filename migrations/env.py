@@ -2,7 +2,7 @@
 
 The URL, first found wins: ``config.attributes["url"]`` (``worker.db.upgrade_to_head``,
 tests), ``-x url=...`` (command line), ``ICHVOL_DATABASE_URL`` via
-``worker.settings.Settings``. A caller may also hand over an open connection in
+``worker.core.settings.Settings``. A caller may also hand over an open connection in
 ``config.attributes["connection"]``.
 
 PostgreSQL: ``lock_timeout`` keeps a migration from queueing behind a long query while
@@ -40,7 +40,7 @@ def _url() -> str:
     url = config.attributes.get("url") or context.get_x_argument(as_dictionary=True).get("url")
     if url:
         return str(url)
-    from worker.settings import Settings
+    from worker.core.settings import Settings
 
     return Settings.from_env().database_url
 

@@ -7,8 +7,8 @@ from collections.abc import Callable
 from celery import Celery
 from kombu.exceptions import OperationalError
 
-from worker.errors import TransientError
-from worker.settings import Settings
+from worker.core.errors import TransientError
+from worker.core.settings import Settings
 
 TASK_PROCESS_RUN = "ichvol.process_run"
 

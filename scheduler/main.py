@@ -14,8 +14,8 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
-from worker.errors import IchvolError, TransientError
-from worker.settings import Settings
+from worker.core.errors import IchvolError, TransientError
+from worker.core.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ def run_scheduler(settings: Settings, *, once: bool = False, stop: threading.Eve
 
 def _require_migrated(settings: Settings) -> None:
     from worker import db
-    from worker.errors import ConfigurationError
+    from worker.core.errors import ConfigurationError
 
     if db.current_revision(settings.database_url) is None:
         raise ConfigurationError("the database has no schema yet: run `alembic upgrade head` first")
@@ -90,7 +90,7 @@ def main(argv: Sequence[str] | None = None, settings: Settings | None = None) ->
 def run_from_args(args: argparse.Namespace, settings: Settings | None = None) -> int:
     import sys
 
-    from worker.logs import configure_logging
+    from worker.core.logs import configure_logging
 
     try:
         settings = settings or Settings.from_env()

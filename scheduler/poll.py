@@ -30,8 +30,8 @@ from sqlalchemy import and_, or_, update
 
 from scheduler.listing import StudyListing, group_studies, normalise_prefix
 from worker import db
-from worker.errors import ErrorCode, TransientError
-from worker.settings import Settings
+from worker.core.errors import ErrorCode, TransientError
+from worker.core.settings import Settings
 from worker.tables import Run, RunState, Study
 from worker.weights import ModelInfo
 

@@ -1,15 +1,15 @@
 #!/usr/bin/env python3
-"""Rewrite the settings table in README.md from worker/settings.py (the test requires them equal)."""
+"""Rewrite the settings table in README.md from worker/core/settings.py (the test requires them equal)."""
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
 
-from worker.settings import settings_table_markdown
+from worker.core.settings import settings_table_markdown
 
 README = Path(__file__).resolve().parents[1] / "README.md"
-MARKER = "<!-- settings-table: rendered by worker.settings.settings_table_markdown(); a test keeps it current -->"
+MARKER = "<!-- settings-table: rendered by worker.core.settings.settings_table_markdown(); a test keeps it current -->"
 
 text = README.read_text()
 start = text.index(MARKER) + len(MARKER)

@@ -1,6 +1,6 @@
 """The paper's classical baselines, for comparison with DR-UNet: fuzzy c-means and an active contour.
 
-Both work on a study's HU volume on its native grid, as :mod:`worker.ct` defines it:
+Both work on a study's HU volume on its native grid, as :mod:`worker.core.ct` defines it:
 ``hu`` float HU ``(slices, rows, columns)`` in sorted order, ``pixel_spacing_mm``
 ``(between rows, between columns)`` mm. Both return a uint8 0/1 mask of the same shape and
 never mark a pixel outside the skull-enclosed space (:func:`worker.postprocess.intracranial_mask`,
@@ -53,7 +53,7 @@ import numpy as np
 import numpy.typing as npt
 from scipy import ndimage
 
-from worker.ct import MaskArray
+from worker.core.ct import MaskArray
 from worker.postprocess import intracranial_mask
 
 __all__ = [

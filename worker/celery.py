@@ -24,7 +24,7 @@ from typing import Any
 
 from celery import Celery, signals
 
-from worker.settings import Settings
+from worker.core.settings import Settings
 
 TASK_PROCESS_RUN = "ichvol.process_run"
 #: How long a new pool process may take to start (it loads the model before it reports

@@ -14,9 +14,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from worker.ct import DISCLAIMER
-from worker.errors import IchvolError
-from worker.settings import Settings
+from worker.core.ct import DISCLAIMER
+from worker.core.errors import IchvolError
+from worker.core.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +175,7 @@ def _add_run(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 def _run(args: argparse.Namespace, settings: Settings) -> int:
-    from worker.errors import ConfigurationError
+    from worker.core.errors import ConfigurationError
     from worker.local import format_table, local_settings, run_local
 
     if not args.bucket.is_dir():
@@ -325,7 +325,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         settings = _settings(args)
-        from worker.logs import configure_logging
+        from worker.core.logs import configure_logging
 
         # Interactive commands print their own one-line summary; services log at the configured level.
         default_level = settings.log_level if args.command in SERVICE_COMMANDS else "WARNING"

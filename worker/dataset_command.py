@@ -10,8 +10,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from worker.ct import DISCLAIMER
-from worker.settings import Settings
+from worker.core.ct import DISCLAIMER
+from worker.core.settings import Settings
 
 
 def _window(text: str) -> tuple[float, float]:
@@ -67,7 +67,7 @@ def add_dataset_arguments(p: argparse.ArgumentParser) -> None:
 
 def run_dataset_command(args: argparse.Namespace, settings: Settings) -> int:
     from worker import datasets, framework
-    from worker.errors import ConfigurationError
+    from worker.core.errors import ConfigurationError
     from worker.training import DEFAULT_HU_WINDOW
 
     framework.set_threads(settings.inference_threads)

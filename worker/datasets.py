@@ -45,7 +45,7 @@ records store only ``sha256("ichvol-dataset:" + key)[:16]``, never the ID itself
 Writing is all or nothing: everything goes to a hidden staging folder beside the output,
 renamed into place only when every input was converted. Bad input (image/mask names that
 do not match, masks that are not binary, sizes that differ, unreadable files, studies
-without a usable series or truth) raises :class:`worker.errors.StudyError` naming the file,
+without a usable series or truth) raises :class:`worker.core.errors.StudyError` naming the file,
 and nothing is left behind.
 """
 
@@ -68,8 +68,8 @@ import numpy.typing as npt
 
 import worker
 from worker import framework, preprocess
-from worker.ct import DISCLAIMER
-from worker.errors import ErrorCode, StudyError
+from worker.core.ct import DISCLAIMER
+from worker.core.errors import ErrorCode, StudyError
 from worker.image_io import IMAGE_SUFFIXES, read_grey_uint8
 from worker.training import SliceArrays, finish_dataset
 

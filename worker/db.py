@@ -9,7 +9,7 @@
   trip per batch, learning which rows are new.
 * :func:`upgrade_to_head` -- Alembic, programmatically. The migrations own the schema.
 * Connection trouble (``OperationalError``, ``InterfaceError``, ``DisconnectionError``)
-  becomes :class:`worker.errors.TransientError` (:func:`map_db_errors`).
+  becomes :class:`worker.core.errors.TransientError` (:func:`map_db_errors`).
 
 SQLite (the embedded default) gets foreign keys, WAL, a busy timeout, and
 ``BEGIN IMMEDIATE`` for every transaction: concurrent writers then wait for each other
@@ -29,7 +29,7 @@ from sqlalchemy.engine import URL, Connection, Engine, make_url
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 from sqlalchemy.pool import ConnectionPoolEntry
 
-from worker.errors import TransientError
+from worker.core.errors import TransientError
 
 #: Longest a single SQL statement may run on PostgreSQL before the server cancels it.
 STATEMENT_TIMEOUT_MS = 60_000

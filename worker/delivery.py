@@ -51,8 +51,8 @@ import pydicom
 from sqlalchemy import select, update
 
 from worker import db
-from worker.errors import ConfigurationError, IchvolError, TransientError
-from worker.settings import Settings
+from worker.core.errors import ConfigurationError, IchvolError, TransientError
+from worker.core.settings import Settings
 from worker.tables import Delivery, DeliveryState, Result, Run
 
 if TYPE_CHECKING:

@@ -13,8 +13,8 @@ import logging
 from typing import Any
 
 from worker.celery import app
+from worker.core.errors import TransientError
 from worker.delivery import TASK_DELIVER
-from worker.errors import TransientError
 
 log = logging.getLogger(__name__)
 
@@ -26,8 +26,8 @@ def _backoff_s(retries: int, *, base_s: float, max_s: float) -> float:
 @app.task(name=TASK_DELIVER, bind=True, acks_late=True, reject_on_worker_lost=True, max_retries=None)  # type: ignore[untyped-decorator]
 def deliver_task(self: Any, run_id: int) -> dict[str, Any]:
     from worker import runtime
+    from worker.core.logs import log_context
     from worker.delivery import DeliveryDeps, deliver_run
-    from worker.logs import log_context
 
     worker_deps = runtime.get_deps(app.conf.ichvol_settings)
     settings = worker_deps.settings

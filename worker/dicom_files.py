@@ -38,7 +38,7 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from worker.errors import ErrorCode, StudyError, TransientError
+from worker.core.errors import ErrorCode, StudyError, TransientError
 
 logger = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Load a study folder into the one :class:`worker.ct.CtSeries` to measure.
+"""Load a study folder into the one :class:`worker.core.ct.CtSeries` to measure.
 
 Headers first: :func:`worker.dicom_files.scan_study` reads every header (no pixels),
 :func:`worker.series_selection.select_series` picks the series and checks every limit,
@@ -18,9 +18,9 @@ import pydicom
 from pydicom.dataset import Dataset
 
 from worker import geometry
-from worker.ct import CtSeries, SliceRef, StudyInfo
+from worker.core.ct import CtSeries, SliceRef, StudyInfo
+from worker.core.errors import ErrorCode, StudyError
 from worker.dicom_files import must_propagate, quiet_pydicom, read_dataset, scan_study
-from worker.errors import ErrorCode, StudyError
 from worker.hu import to_hu
 from worker.series_selection import SelectionRules, UsableSeries, select_series
 
@@ -33,8 +33,8 @@ def load_study(study_dir: Path, *, rules: SelectionRules) -> CtSeries:
     The result holds float32 HU of shape ``(slices, rows, columns)``, slices sorted by
     ImagePositionPatient projected on the slice normal (ascending), per-slice slab
     thicknesses (mm) along the normal, the selection record and study identifiers; see
-    :mod:`worker.ct` for the conventions. Raises :class:`worker.errors.StudyError` with a
-    specific code for every unusable input, :class:`worker.errors.TransientError` for I/O
+    :mod:`worker.core.ct` for the conventions. Raises :class:`worker.core.errors.StudyError` with a
+    specific code for every unusable input, :class:`worker.core.errors.TransientError` for I/O
     errors.
     """
     started = time.perf_counter()

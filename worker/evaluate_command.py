@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from worker.ct import DISCLAIMER
-from worker.settings import Settings
+from worker.core.ct import DISCLAIMER
+from worker.core.settings import Settings
 
 METHODS = ("drunet", "unet", "abc2", "fcm", "active_contour")
 

@@ -58,8 +58,8 @@ import numpy.typing as npt
 
 import worker
 from worker import baselines, metrics, postprocess, report, volume
-from worker.ct import DISCLAIMER, CtSeries
-from worker.errors import ConfigurationError, ErrorCode, StudyError
+from worker.core.ct import DISCLAIMER, CtSeries
+from worker.core.errors import ConfigurationError, ErrorCode, StudyError
 from worker.pipeline import SegmentationOptions, segment_study
 from worker.weights import Segmenter
 

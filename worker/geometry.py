@@ -1,6 +1,6 @@
 """Slice geometry in patient coordinates: pure numpy, no DICOM parsing.
 
-Conventions (the same as :mod:`worker.ct`)
+Conventions (the same as :mod:`worker.core.ct`)
 -----------------------------------------
 * Patient coordinates are DICOM LPS in millimetres: x to the patient's left, y to
   posterior, z to superior.
@@ -26,10 +26,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 import numpy.typing as npt
 
-from worker.errors import ErrorCode, StudyError
+from worker.core.errors import ErrorCode, StudyError
 
 if TYPE_CHECKING:
-    from worker.ct import CtSeries
+    from worker.core.ct import CtSeries
 
 Float64Array = npt.NDArray[np.float64]
 

@@ -2,7 +2,7 @@
 
 Evaluation and dataset preparation read a study folder exactly as ``ichvol segment`` does
 (:func:`worker.dicom_load.load_study`) and then need the truth on the same grid:
-``(slices, rows, columns)`` uint8 0/1 in the series' sorted order (:mod:`worker.ct`).
+``(slices, rows, columns)`` uint8 0/1 in the series' sorted order (:mod:`worker.core.ct`).
 The truth lies inside the study folder (any depth) in one of these forms; exactly one
 must be present:
 
@@ -33,7 +33,7 @@ a DICOM Segmentation (SEG)
     without a frame are empty. All segments are united, or only segment numbers
     ``labels``; fractional segments count where the fraction is at least 0.5.
 
-Problems raise :class:`worker.errors.StudyError` with one line naming the file.
+Problems raise :class:`worker.core.errors.StudyError` with one line naming the file.
 """
 
 from __future__ import annotations
@@ -48,8 +48,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from worker.ct import CtSeries, MaskArray
-from worker.errors import ErrorCode, StudyError
+from worker.core.ct import CtSeries, MaskArray
+from worker.core.errors import ErrorCode, StudyError
 
 __all__ = [
     "NIFTI_TOLERANCE_VOXELS",

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from worker.errors import IchvolError
-from worker.settings import Settings
+from worker.core.errors import IchvolError
+from worker.core.settings import Settings
 
 
 def check_db(settings: Settings) -> str:

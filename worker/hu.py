@@ -34,8 +34,8 @@ from pydicom.encaps import generate_frames
 from pydicom.pixels.decoders.base import get_decoder
 from pydicom.uid import UID, JPEG2000TransferSyntaxes, JPEGLSTransferSyntaxes, JPEGTransferSyntaxes
 
+from worker.core.errors import ErrorCode, StudyError
 from worker.dicom_files import must_propagate, quiet_pydicom
-from worker.errors import ErrorCode, StudyError
 
 logger = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ ITU-R BT.601 luma weights (OpenCV's ``BGR2GRAY``) and flagged ``was_colour``. An
 channel is dropped. EXIF orientation is ignored (images and masks must stay aligned
 pixel for pixel). Arrays are ``(rows, columns)`` uint8.
 
-Bad files raise :class:`worker.errors.StudyError` naming the file: not an image of a
+Bad files raise :class:`worker.core.errors.StudyError` naming the file: not an image of a
 supported format, truncated or corrupt data, 16-bit samples, or too many pixels.
 """
 
@@ -28,7 +28,7 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
-from worker.errors import ErrorCode, StudyError
+from worker.core.errors import ErrorCode, StudyError
 
 __all__ = [
     "IMAGE_SUFFIXES",

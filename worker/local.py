@@ -16,8 +16,8 @@ from typing import Any
 
 from sqlalchemy import select
 
-from worker.errors import TransientError
-from worker.settings import Settings
+from worker.core.errors import TransientError
+from worker.core.settings import Settings
 from worker.weights import Segmenter
 
 log = logging.getLogger(__name__)

@@ -1,6 +1,6 @@
 """Segmentation and volume-agreement metrics of the DR-UNet paper (pure numpy).
 
-Masks follow :mod:`worker.ct`: ``(slices, rows, columns)`` (or any shape, as long as
+Masks follow :mod:`worker.core.ct`: ``(slices, rows, columns)`` (or any shape, as long as
 truth and prediction agree), any integer or boolean dtype, non-zero = hematoma.
 
 Overlap metrics from the confusion counts

@@ -35,7 +35,7 @@ import numpy as np
 import numpy.typing as npt
 
 from worker import framework
-from worker.errors import ConfigurationError, ModelFileError
+from worker.core.errors import ConfigurationError, ModelFileError
 from worker.weights import ModelInfo, Segmenter, read_model_info, resolve_model_path, sha256_of, write_model_info
 
 log = logging.getLogger(__name__)

@@ -1,7 +1,7 @@
 """The study's mask artefacts: ``mask.npz``, ``mask.nii.gz`` and a DICOM SEG ``seg.dcm``.
 
 Every writer takes the final hematoma mask as ``(slices, rows, columns)`` (non-zero =
-hematoma) in the sorted slice order of :class:`worker.ct.CtSeries`, and writes values 0/1.
+hematoma) in the sorted slice order of :class:`worker.core.ct.CtSeries`, and writes values 0/1.
 Files are written to a temporary name beside ``path`` and renamed into place, so a reader
 never sees half a file and a retried run overwrites cleanly.
 
@@ -56,8 +56,8 @@ import pydicom
 from pydicom.sr.codedict import codes
 
 import worker
-from worker.ct import DISCLAIMER, MaskArray
-from worker.errors import ErrorCode, StudyError
+from worker.core.ct import DISCLAIMER, MaskArray
+from worker.core.errors import ErrorCode, StudyError
 
 __all__ = [
     "SEG_SERIES_DESCRIPTION",

@@ -1,7 +1,7 @@
 """``overlay.png``: a contact sheet of the hematoma slices with the mask outlined, for a quick look.
 
 OpenCV only (no matplotlib: it is slow to import in a worker). Inputs follow
-:mod:`worker.ct`: ``hu`` float HU and ``mask`` (non-zero = hematoma), both
+:mod:`worker.core.ct`: ``hu`` float HU and ``mask`` (non-zero = hematoma), both
 ``(slices, rows, columns)`` in sorted order; ``positions_mm[i]`` is slice ``i``'s position
 along the slice normal in mm.
 
@@ -32,7 +32,7 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
-from worker.ct import DISCLAIMER
+from worker.core.ct import DISCLAIMER
 
 __all__ = ["CONTOUR_BGR", "brain_window_uint8", "header_lines", "select_slices", "write_overlay_png"]
 

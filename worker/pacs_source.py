@@ -39,8 +39,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from worker.errors import ConfigurationError, IchvolError, TransientError
-from worker.settings import Settings
+from worker.core.errors import ConfigurationError, IchvolError, TransientError
+from worker.core.settings import Settings
 
 log = logging.getLogger(__name__)
 

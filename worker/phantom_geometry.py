@@ -1,6 +1,6 @@
 """Grids and shapes for the synthetic phantom: where each voxel centre lies, in patient mm.
 
-Conventions are those of :mod:`worker.ct`: patient coordinates are DICOM LPS in
+Conventions are those of :mod:`worker.core.ct`: patient coordinates are DICOM LPS in
 millimetres (x to the patient's left, y to posterior, z to superior); a series array has
 axes ``(slice, row, column)``; pixel ``(k, r, c)`` has its centre at
 ``IPP_k + c * col_mm * row_cosine + r * row_mm * column_cosine``; slices are sorted by

@@ -1,7 +1,7 @@
 """Rendering a phantom in memory: slice positions, geometry, HU with blur and noise, labels.
 
 Arrays have axes ``(slice, row, column)`` with slices sorted by position along the normal
-(ascending); HU are float32; patient coordinates are LPS mm (see :mod:`worker.ct`).
+(ascending); HU are float32; patient coordinates are LPS mm (see :mod:`worker.core.ct`).
 Random streams are derived from the seed and a stream number, so the head and lesions
 (streams 1, 2) do not depend on the grid and one seed gives the same head on any geometry.
 """

@@ -10,7 +10,7 @@ and the embedded demo. Stages, each timed (seconds, in ``result.json``):
                       restriction, small-component removal, volume and ABC/2
 5. ``write``       -- result.json, mask.npz, mask.nii.gz, seg.dcm, overlay.png
 
-Unusable input (:class:`worker.errors.StudyError`) does not raise: the outcome has
+Unusable input (:class:`worker.core.errors.StudyError`) does not raise: the outcome has
 status ``"failed"`` with the code and message, and ``result.json`` says the same.
 """
 
@@ -31,11 +31,11 @@ from typing import Any
 import numpy as np
 
 from worker import __version__, geometry, outputs, overlay, postprocess, preprocess, volume
-from worker.ct import DISCLAIMER, CtSeries, SeriesSelection
+from worker.core.ct import DISCLAIMER, CtSeries, SeriesSelection
+from worker.core.errors import ErrorCode, StudyError
+from worker.core.settings import Settings
 from worker.dicom_load import load_study, read_source_headers
-from worker.errors import ErrorCode, StudyError
 from worker.series_selection import SelectionRules
-from worker.settings import Settings
 from worker.weights import Segmenter
 
 log = logging.getLogger(__name__)

@@ -61,8 +61,8 @@ import numpy as np
 import numpy.typing as npt
 from scipy import ndimage
 
-from worker.ct import MaskArray
-from worker.errors import ErrorCode, StudyError
+from worker.core.ct import MaskArray
+from worker.core.errors import ErrorCode, StudyError
 
 __all__ = [
     "DEFAULT_BONE_HU",

@@ -47,8 +47,8 @@ import numpy.typing as npt
 
 import worker
 from worker import preprocess
-from worker.ct import DISCLAIMER
-from worker.errors import ConfigurationError, StudyError
+from worker.core.ct import DISCLAIMER
+from worker.core.errors import ConfigurationError, StudyError
 from worker.image_io import GreyImage, read_grey_uint8, sniff_format, write_png
 from worker.weights import Segmenter
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from worker.ct import DISCLAIMER
-from worker.settings import Settings
+from worker.core.ct import DISCLAIMER
+from worker.core.settings import Settings
 
 
 def _spacing(text: str) -> tuple[float, float]:
@@ -35,7 +35,7 @@ def run_predict_images_command(args: argparse.Namespace, settings: Settings) -> 
     import sys
 
     from worker import framework
-    from worker.errors import ConfigurationError
+    from worker.core.errors import ConfigurationError
     from worker.model import LazySegmenter
     from worker.predict_images import predict_images
 

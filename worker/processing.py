@@ -39,9 +39,9 @@ from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy import update
 
 from worker import db, read_ahead
-from worker.ct import CtSeries, StudyInfo
-from worker.errors import ErrorCode, ModelFileError, StudyError, TransientError
-from worker.logs import log_context
+from worker.core.ct import CtSeries, StudyInfo
+from worker.core.errors import ErrorCode, ModelFileError, StudyError, TransientError
+from worker.core.logs import log_context
 from worker.pipeline import ARTEFACT_NAMES, SegmentationOptions, StudyOutcome, segment_study
 from worker.runtime import WorkerDeps
 from worker.tables import Result, Run, RunState, Study

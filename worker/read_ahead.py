@@ -38,7 +38,7 @@ from typing import Any
 
 from sqlalchemy import or_, select
 
-from worker.ct import CtSeries
+from worker.core.ct import CtSeries
 from worker.tables import Run, RunState, Study
 
 log = logging.getLogger(__name__)

@@ -17,8 +17,8 @@ from typing import Any
 
 from sqlalchemy import select
 
-from worker.errors import ConfigurationError, TransientError
-from worker.settings import Settings
+from worker.core.errors import ConfigurationError, TransientError
+from worker.core.settings import Settings
 
 
 def add_redeliver_arguments(parser: argparse.ArgumentParser) -> None:

@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from worker.errors import IchvolError, ModelFileError
-from worker.settings import Settings
+from worker.core.errors import IchvolError, ModelFileError
+from worker.core.settings import Settings
 from worker.weights import ModelInfo, Segmenter, read_model_info, resolve_model_path
 
 log = logging.getLogger(__name__)
@@ -167,8 +167,8 @@ def _write_status() -> None:
 
 def init_pool_process(settings: Settings) -> None:
     """Runs in each pool process after the fork: build dependencies and load the model."""
+    from worker.core.logs import configure_logging
     from worker.dicom_files import redact_warnings
-    from worker.logs import configure_logging
 
     configure_logging(level=settings.log_level, fmt=settings.log_format)
     redact_warnings()  # warnings quote header values (patient names): log them without

@@ -46,12 +46,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from worker import geometry
-from worker.ct import RejectedSeries, SeriesSelection, SeriesSummary
+from worker.core.ct import RejectedSeries, SeriesSelection, SeriesSummary
+from worker.core.errors import ErrorCode, StudyError
 from worker.dicom_files import DicomHeader, group_by_series
-from worker.errors import ErrorCode, StudyError
 
 if TYPE_CHECKING:
-    from worker.settings import Settings
+    from worker.core.settings import Settings
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 ENHANCED_CT_STORAGE = "1.2.840.10008.5.1.4.1.1.2.1"

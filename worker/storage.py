@@ -11,7 +11,7 @@ outside (the PACS export, whoever can write to the bucket): no key becomes a loc
 without :func:`safe_relative_path`.
 
 Errors: network trouble and server overload (5xx, ``SlowDown``, timeouts, refused
-connections) raise :class:`worker.errors.TransientError` and are retried by the caller;
+connections) raise :class:`worker.core.errors.TransientError` and are retried by the caller;
 everything that will not pass by waiting (missing key or bucket, wrong credentials,
 access denied) raises :class:`StorageError` (missing keys: its subclass
 :class:`ObjectNotFoundError`). Unsafe keys raise
@@ -33,10 +33,10 @@ from pathlib import Path, PurePosixPath
 from typing import IO, TYPE_CHECKING, Any, Protocol, TypeVar
 from urllib.parse import unquote, urlsplit
 
-from worker.errors import ConfigurationError, ErrorCode, IchvolError, StudyError, TransientError
+from worker.core.errors import ConfigurationError, ErrorCode, IchvolError, StudyError, TransientError
 
 if TYPE_CHECKING:
-    from worker.settings import Settings
+    from worker.core.settings import Settings
 
 logger = logging.getLogger(__name__)
 

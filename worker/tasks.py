@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from worker.celery import TASK_PROCESS_RUN, app
-from worker.errors import ErrorCode, TransientError
+from worker.core.errors import ErrorCode, TransientError
 
 
 def backoff_s(retries: int, *, base_s: float, max_s: float) -> float:

@@ -13,8 +13,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from worker.ct import DISCLAIMER
-from worker.settings import Settings
+from worker.core.ct import DISCLAIMER
+from worker.core.settings import Settings
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
@@ -85,7 +85,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
 def _prepared_sources(args: argparse.Namespace) -> tuple[Any, Any, tuple[float, float], int, str]:
     """Training and validation splits of prepared datasets, their window, size and a description."""
     from worker import datasets
-    from worker.errors import ConfigurationError
+    from worker.core.errors import ConfigurationError
 
     data = datasets.read_dataset(args.data)
     train_split = data.split("train")
@@ -126,7 +126,7 @@ def _prepared_sources(args: argparse.Namespace) -> tuple[Any, Any, tuple[float, 
 
 def run_train_command(args: argparse.Namespace, settings: Settings) -> int:
     from worker import datasets, framework
-    from worker.errors import ConfigurationError
+    from worker.core.errors import ConfigurationError
     from worker.training import DEFAULT_HU_WINDOW, TrainConfig, split_by_patient, train
 
     framework.set_threads(settings.inference_threads)

@@ -47,7 +47,7 @@ import numpy as np
 import numpy.typing as npt
 
 from worker import framework
-from worker.errors import ConfigurationError
+from worker.core.errors import ConfigurationError
 from worker.weights import ModelInfo
 
 log = logging.getLogger(__name__)

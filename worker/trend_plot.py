@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from worker.ct import DISCLAIMER
+from worker.core.ct import DISCLAIMER
 from worker.trends import TimelineRow, expansion_thresholds
 
 if TYPE_CHECKING:

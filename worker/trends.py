@@ -21,7 +21,7 @@ The views (migration ``bdd4386a76ba``, documented column by column in docs/trend
 
 Volumes are in mL, times are aware UTC datetimes, hours are hours since the patient's
 first scan with a usable time. This module reads the views, keeps ``trend_config`` in
-step with :class:`~worker.settings.Settings`, and implements ``ichvol trends``.
+step with :class:`~worker.core.settings.Settings`, and implements ``ichvol trends``.
 Research use only, not for clinical use.
 """
 
@@ -58,8 +58,8 @@ from sqlalchemy import (
 from sqlalchemy.orm import Session
 
 from worker import db
-from worker.ct import DISCLAIMER
-from worker.settings import Settings
+from worker.core.ct import DISCLAIMER
+from worker.core.settings import Settings
 
 #: Follow-up window of the expansion definitions when ``trend_config`` says nothing (hours).
 from worker.tables import (  # noqa: F401

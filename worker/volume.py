@@ -1,6 +1,6 @@
 """Hematoma volume from a binary mask: planimetry (the measurement) and ABC/2 (the bedside formula).
 
-Pure numpy. Conventions (see :mod:`worker.ct`):
+Pure numpy. Conventions (see :mod:`worker.core.ct`):
 
 * ``mask`` has shape ``(slices, rows, columns)``; any integer or boolean dtype, non-zero
   means hematoma. Slices are in the sorted order of the series.
@@ -55,7 +55,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from worker.errors import ErrorCode, StudyError
+from worker.core.errors import ErrorCode, StudyError
 
 FloatVector = npt.NDArray[np.float64]
 

@@ -22,7 +22,7 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
-from worker.errors import ModelFileError
+from worker.core.errors import ModelFileError
 
 METADATA_MEMBER = "ichvol.json"
 DEFAULT_WEIGHTS_DIR = Path(__file__).parent / "weights"

@@ -10,7 +10,7 @@ What is checked against what:
 * every Kubernetes manifest, after rendering each overlay (tests/deploy/kustomize.py),
   against the Kubernetes OpenAPI schemas of ``kubernetes-validate`` in strict mode, for
   each version in ``K8S_VERSIONS``; KEDA's ScaledObject against schemas/keda-scaledobject.json.
-* the variables, commands and ports in both against ``worker.settings`` (the variables and
+* the variables, commands and ports in both against ``worker.core.settings`` (the variables and
   their parsers), pyproject's console scripts and the command-line contract.
 """
 
@@ -103,8 +103,8 @@ CHECK_ARGV = ("ichvol", "check")
 
 @cache
 def settings_variables() -> dict[str, dict[str, Any]]:
-    """Every environment variable of worker/settings.py: env -> row (+ ``secret``)."""
-    from worker.settings import Settings, settings_fields
+    """Every environment variable of worker/core/settings.py: env -> row (+ ``secret``)."""
+    from worker.core.settings import Settings, settings_fields
 
     secret = {f.metadata["env"]: bool(f.metadata.get("secret")) for f in dataclasses.fields(Settings)}
     return {row["env"]: {**row, "secret": secret[row["env"]]} for row in settings_fields()}
@@ -116,8 +116,8 @@ def settings_default(env: str) -> Any:
 
 def settings_problems(environ: Mapping[str, str], *, where: str) -> list[str]:
     """Whether the values parse: ``Settings.from_env`` is what the containers will run."""
-    from worker.errors import ConfigurationError
-    from worker.settings import Settings
+    from worker.core.errors import ConfigurationError
+    from worker.core.settings import Settings
 
     try:
         Settings.from_env(dict(environ))
@@ -270,13 +270,13 @@ def compose_problems(compose: Mapping[str, Any]) -> list[str]:
     for text in _strings(compose):
         for name in referenced_variables(text) | set(re.findall(r"\bICHVOL_[A-Z0-9_]+", text)):
             if name.startswith("ICHVOL_") and name not in known:
-                problems.append(f"compose: {name} is not a variable of worker/settings.py")
+                problems.append(f"compose: {name} is not a variable of worker/core/settings.py")
 
     ours = {name: svc for name, svc in services.items() if runs_ichvol(svc)}
     for name, svc in ours.items():
         env = compose_environment(svc)
         for var in sorted(set(env) - set(known)):
-            problems.append(f"compose: service {name} sets {var}, which is not a variable of worker/settings.py")
+            problems.append(f"compose: service {name} sets {var}, which is not a variable of worker/core/settings.py")
         problems += settings_problems(env, where=f"compose service {name}")
 
     roles = _compose_roles(ours)
@@ -550,7 +550,7 @@ def k8s_problems(resources: list[Resource], secret_template: Resource) -> list[s
         problems.append(f"k8s: no ConfigMap {CONFIGMAP_NAME}")
     for key in sorted(config_data):
         if key not in known:
-            problems.append(f"k8s: ConfigMap key {key} is not a variable of worker/settings.py")
+            problems.append(f"k8s: ConfigMap key {key} is not a variable of worker/core/settings.py")
         elif key in secret_names:
             problems.append(f"k8s: secret {key} is in the ConfigMap; it belongs in Secret {SECRET_NAME}")
     secret_meta = secret_template.get("metadata") or {}
@@ -558,7 +558,7 @@ def k8s_problems(resources: list[Resource], secret_template: Resource) -> list[s
     if secret_template.get("kind") != "Secret" or secret_meta.get("name") != SECRET_NAME:
         problems.append(f"k8s: the secret template is not Secret {SECRET_NAME}")
     for key in sorted(set(secret_data) - secret_names):
-        problems.append(f"k8s: Secret key {key} is not a secret variable of worker/settings.py")
+        problems.append(f"k8s: Secret key {key} is not a secret variable of worker/core/settings.py")
     for key in sorted(SECRET_VARIABLES - set(secret_data)):
         problems.append(f"k8s: the Secret template lacks {key}")
     for key, value in secret_data.items():
@@ -596,7 +596,7 @@ def k8s_problems(resources: list[Resource], secret_template: Resource) -> list[s
                 name = item.get("name")
                 available.add(name)
                 if name not in known:
-                    problems.append(f"{cwhere}: env {name} is not a variable of worker/settings.py")
+                    problems.append(f"{cwhere}: env {name} is not a variable of worker/core/settings.py")
                 elif name in secret_names and "value" in item:
                     problems.append(f"{cwhere}: secret {name} has a literal value; use Secret {SECRET_NAME}")
                 key_ref = (item.get("valueFrom") or {}).get("secretKeyRef")

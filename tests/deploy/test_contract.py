@@ -45,8 +45,8 @@ def test_the_subcommands_the_deployment_runs_exist() -> None:
 
 
 def test_every_variable_in_compose_and_manifests_is_in_the_settings_table() -> None:
-    """The README's settings table is rendered from worker.settings: same names everywhere."""
-    from worker.settings import settings_table_markdown
+    """The README's settings table is rendered from worker.core.settings: same names everywhere."""
+    from worker.core.settings import settings_table_markdown
 
     table = settings_table_markdown()
     for name, text in deployment_texts().items():

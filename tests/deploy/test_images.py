@@ -152,7 +152,7 @@ def test_dockerignore_keeps_out(path: str, ignore_patterns: list[IgnorePattern])
     "path",
     [
         "pyproject.toml",
-        "worker/settings.py",
+        "worker/core/settings.py",
         "worker/weights/drunet_default.keras",
         "scheduler/__init__.py",
         "migrations/env.py",

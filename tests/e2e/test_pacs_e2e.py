@@ -27,9 +27,9 @@ from tests.helpers.pacs_results import orthanc_settings
 from tests.helpers.services import S3Bucket
 from tests.helpers.worker_process import CeleryWorker, run_scheduler_once
 from worker import db
+from worker.core.settings import Settings
 from worker.pacs_source import DicomwebClient
 from worker.phantom import LesionSpec, PhantomSpec, generate_study
-from worker.settings import Settings
 from worker.sr import read_volume_report
 from worker.tables import Delivery, DeliveryState, Result, Run, RunState, Study
 

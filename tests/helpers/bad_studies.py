@@ -21,7 +21,7 @@ from tests.helpers.dicom_builders import (
     write_scout,
     write_secondary_capture,
 )
-from worker.errors import ErrorCode
+from worker.core.errors import ErrorCode
 
 
 @dataclass(frozen=True)

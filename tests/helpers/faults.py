@@ -48,9 +48,9 @@ from sqlalchemy import func, select
 
 from tests.helpers.worker_process import REPO_ROOT, settings_env
 from worker import db
-from worker.errors import TransientError
+from worker.core.errors import TransientError
+from worker.core.settings import Settings
 from worker.processing import artefact_prefix
-from worker.settings import Settings
 from worker.tables import Result, Run, RunState, Study
 
 # --------------------------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
 Each :class:`HostileKind` builds one study as ``{key below the study folder: bytes}``
 and says how the pipeline must end it: a failed run with a specific
-:class:`~worker.errors.ErrorCode`, or ``None`` when the data is actually usable and the
+:class:`~worker.core.errors.ErrorCode`, or ``None`` when the data is actually usable and the
 run must succeed. ``scripts/make_hostile_corpus.py`` writes the corpus into a folder or
 straight into a bucket; tests/reliability/test_hostile_input.py runs every kind through
 the worker's run processing and a batch of them through a real worker.
@@ -56,7 +56,7 @@ from tests.helpers.dicom_builders import (
     write_scout,
     write_secondary_capture,
 )
-from worker.errors import ErrorCode
+from worker.core.errors import ErrorCode
 
 Objects = dict[str, bytes]
 

@@ -21,11 +21,11 @@ from tests.helpers.dicom_builders import WrittenSeries, write_ct_series
 from tests.helpers.orthanc import OrthancServer
 from tests.helpers.segmenters import HuBandSegmenter
 from worker import db
+from worker.core.settings import Settings
 from worker.delivery import DeliveryDeps
 from worker.pipeline import SegmentationOptions, StudyOutcome, segment_study
 from worker.processing import process_run
 from worker.runtime import WorkerDeps
-from worker.settings import Settings
 from worker.storage import LocalStore
 
 #: 2 slices x 10 x 10 pixels x 0.25 mm^2 x 5 mm = 250 mm^3.

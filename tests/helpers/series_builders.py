@@ -1,7 +1,7 @@
-"""Build :class:`worker.ct.CtSeries` objects for tests: in memory, or from a tiny DICOM series on disk.
+"""Build :class:`worker.core.ct.CtSeries` objects for tests: in memory, or from a tiny DICOM series on disk.
 
 Independent of the project's DICOM loader on purpose: these helpers follow the
-conventions of :mod:`worker.ct` directly (LPS mm, ``(slice, row, column)``, PixelSpacing
+conventions of :mod:`worker.core.ct` directly (LPS mm, ``(slice, row, column)``, PixelSpacing
 order ``(between rows, between columns)``, slices sorted by the position along the normal,
 slab thickness = half the gap to each neighbour, end slices their single gap).
 """
@@ -17,7 +17,7 @@ import pydicom
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
-from worker.ct import CtSeries, SeriesSelection, SeriesSummary, SliceRef, StudyInfo
+from worker.core.ct import CtSeries, SeriesSelection, SeriesSummary, SliceRef, StudyInfo
 
 Vec3 = tuple[float, float, float]
 

@@ -37,7 +37,7 @@ from typing import Any
 
 import pytest
 
-from worker.settings import Settings
+from worker.core.settings import Settings
 from worker.storage import S3Store, make_s3_client
 
 PG_HOST = "127.0.0.1"

@@ -19,7 +19,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from worker.settings import Settings
+from worker.core.settings import Settings
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent

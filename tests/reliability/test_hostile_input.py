@@ -24,10 +24,10 @@ from tests.helpers.hostile import HOSTILE_KINDS, SUITE_LIMITS, HostileKind, Memo
 from tests.helpers.segmenters import HuBandSegmenter
 from tests.reliability.conftest import MakeEnv
 from worker import db
+from worker.core.settings import Settings
 from worker.pipeline import segment_study
 from worker.processing import process_run
 from worker.runtime import WorkerDeps
-from worker.settings import Settings
 from worker.tables import Run, RunState, Study
 
 pytestmark = [pytest.mark.integration]

@@ -4,7 +4,7 @@ read timeout, losing some replies after the write happened, and a short total ou
 The worker and the scheduler reach the loopback S3 server through
 :class:`~tests.helpers.faults.FaultyS3Proxy`; the test's own uploads and checks go
 straight to the server. boto3 retries each request (adaptive mode, 5 attempts); what
-still fails becomes a :class:`~worker.errors.TransientError`, the task hands the run back
+still fails becomes a :class:`~worker.core.errors.TransientError`, the task hands the run back
 and retries with backoff, and a failed poll is simply repeated.
 """
 

@@ -28,10 +28,10 @@ from tests.helpers.faults import ThrowawayPostgres
 from tests.helpers.hostile import MemoryStore
 from tests.helpers.segmenters import HuBandSegmenter
 from worker import db
-from worker.errors import ErrorCode, TransientError
+from worker.core.errors import ErrorCode, TransientError
+from worker.core.settings import Settings
 from worker.processing import fail_run, process_run, record_hard_time_limit
 from worker.runtime import WorkerDeps
-from worker.settings import Settings
 from worker.tables import Result, Run, RunState
 
 REPO = Path(__file__).resolve().parents[2]

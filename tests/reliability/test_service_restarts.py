@@ -8,7 +8,7 @@ with ``pg_ctl restart -m fast`` and then ``-m immediate`` (a crash).
 Redis: the worker and the scheduler reconnect; the runs whose messages were lost stay
 ``queued`` in the database and the scheduler sends them again after
 ``ICHVOL_QUEUED_TIMEOUT_S``. PostgreSQL: the worker's database calls fail with
-:class:`~worker.errors.TransientError`, the task retries with backoff, polls fail and the
+:class:`~worker.core.errors.TransientError`, the task retries with backoff, polls fail and the
 next one succeeds.
 """
 
@@ -21,7 +21,7 @@ import pytest
 
 from tests.helpers.faults import ThrowawayPostgres, ThrowawayRedis, run_states, wait_for
 from tests.reliability.conftest import MakeEnv
-from worker.errors import TransientError
+from worker.core.errors import TransientError
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration, pytest.mark.e2e, pytest.mark.timeout(600)]
 

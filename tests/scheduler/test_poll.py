@@ -12,8 +12,8 @@ from sqlalchemy import func, select, update
 from scheduler.poll import poll_once
 from tests.helpers.services import S3Bucket
 from worker import db
-from worker.errors import TransientError
-from worker.settings import Settings
+from worker.core.errors import TransientError
+from worker.core.settings import Settings
 from worker.tables import Run, RunState, Study
 from worker.weights import ModelInfo
 

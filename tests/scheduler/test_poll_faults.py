@@ -9,7 +9,7 @@ from sqlalchemy import update
 
 from scheduler.poll import recover
 from worker import db
-from worker.settings import Settings
+from worker.core.settings import Settings
 from worker.tables import Run, RunState, Study
 
 pytestmark = pytest.mark.integration

@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from tests.helpers.services import free_ports
 from worker import db
-from worker.errors import TransientError
+from worker.core.errors import TransientError
 from worker.tables import Result, Run, RunState, Study
 
 pytestmark = pytest.mark.integration

@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from worker.core.settings import Settings
 from worker.phantom import LesionSpec, PhantomSpec, generate_study
 from worker.pipeline import SegmentationOptions, segment_study
-from worker.settings import Settings
 from worker.weights import (
     default_model_path,
     expected_default_sha256,
@@ -50,7 +50,7 @@ def test_default_weights_are_intact_small_and_described() -> None:
 
 def test_a_tampered_default_fails_its_checksum(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from worker import weights
-    from worker.errors import ModelFileError
+    from worker.core.errors import ModelFileError
 
     copy = tmp_path / weights.DEFAULT_WEIGHTS_NAME
     data = bytearray(default_model_path().read_bytes())

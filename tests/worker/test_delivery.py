@@ -31,6 +31,8 @@ from tests.helpers.pacs_results import (
     processed_run,
 )
 from worker import db
+from worker.core.errors import ConfigurationError, TransientError
+from worker.core.settings import Settings
 from worker.delivery import (
     CStoreSender,
     DeliveryError,
@@ -42,9 +44,7 @@ from worker.delivery import (
     senders_from_settings,
     store_key,
 )
-from worker.errors import ConfigurationError, TransientError
 from worker.runtime import WorkerDeps
-from worker.settings import Settings
 from worker.sr import build_overlay_sc, build_volume_sr, read_png_rgb, read_volume_report
 from worker.storage import LocalStore
 from worker.tables import Delivery, DeliveryState, Result

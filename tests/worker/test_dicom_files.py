@@ -14,8 +14,8 @@ from pydicom.uid import ExplicitVRLittleEndian, MediaStorageDirectoryStorage, ge
 
 from tests.helpers.dicom_builders import set_unchecked, write_ct_series
 from worker import dicom_files
+from worker.core.errors import ErrorCode, StudyError
 from worker.dicom_files import group_by_series, list_study_files, read_dataset, read_header, scan_study
-from worker.errors import ErrorCode, StudyError
 
 
 def _error(study: Path, *, max_files: int = 100) -> StudyError:

@@ -24,9 +24,9 @@ from tests.helpers.dicom_builders import (
     write_scout,
     write_secondary_capture,
 )
-from worker.ct import CtSeries
+from worker.core.ct import CtSeries
+from worker.core.errors import ErrorCode, StudyError
 from worker.dicom_load import load_study, read_source_headers
-from worker.errors import ErrorCode, StudyError
 from worker.series_selection import SelectionRules
 
 RULES = SelectionRules()

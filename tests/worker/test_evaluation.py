@@ -156,7 +156,7 @@ def test_volume_agreement_rows_match_the_case_volumes(evaluated: tuple[Path, obj
 
 
 def test_an_existing_report_folder_is_refused(studies: Path, tmp_path: Path) -> None:
-    from worker.errors import ConfigurationError
+    from worker.core.errors import ConfigurationError
 
     (tmp_path / "old.txt").write_text("keep")
     with pytest.raises(ConfigurationError, match="not empty"):

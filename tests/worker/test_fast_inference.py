@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from worker.errors import ConfigurationError
+from worker.core.errors import ConfigurationError
 from worker.fast_inference import (
     Affine,
     Concat,
@@ -176,8 +176,8 @@ def test_engine_names(caplog: pytest.LogCaptureFixture) -> None:
 
 
 def test_an_unknown_engine_fails_before_the_model_loads(tiny_model_path: Path) -> None:
+    from worker.core.settings import Settings
     from worker.model import LazySegmenter
-    from worker.settings import Settings
 
     assert Settings.from_env({"ICHVOL_INFERENCE_ENGINE": "onnx"}).inference_engine == "onnx"
     assert Settings.from_env({}).inference_engine == "folded"

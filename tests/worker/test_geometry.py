@@ -16,8 +16,8 @@ from tests.helpers.dicom_builders import (
     write_ct_series,
 )
 from worker import geometry
+from worker.core.errors import ErrorCode, StudyError
 from worker.dicom_load import load_study
-from worker.errors import ErrorCode, StudyError
 from worker.series_selection import SelectionRules
 
 GE_ORIENTATION = (1.0, 0.0, 0.0, 0.0, 0.9483237, -0.3173047)  # the real GE series, +18.5 deg

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from worker import geometry, outputs
-from worker.ct import CtSeries
+from worker.core.ct import CtSeries
+from worker.core.errors import ErrorCode, StudyError
 from worker.dicom_load import load_study, read_source_headers
-from worker.errors import ErrorCode, StudyError
 from worker.ground_truth import find_truth_source, load_truth_mask
 from worker.phantom import LesionSpec, PhantomSpec, PhantomTruth, generate_study
 from worker.series_selection import SelectionRules

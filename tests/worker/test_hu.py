@@ -15,7 +15,7 @@ from pydicom.uid import UID, JPEG2000Lossless, JPEGLosslessSV1, JPEGLSLossless, 
 
 from tests.helpers.dicom_builders import COMPRESSED_SYNTAXES, default_hu, write_ct_series
 from worker import hu as hu_module
-from worker.errors import ErrorCode, StudyError
+from worker.core.errors import ErrorCode, StudyError
 from worker.hu import AIR_HU, codestream_size, normalise_bits, padding_range, rescale_to_hu, to_hu
 
 

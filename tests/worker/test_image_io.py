@@ -10,7 +10,7 @@ import cv2
 import numpy as np
 import pytest
 
-from worker.errors import ErrorCode, StudyError
+from worker.core.errors import ErrorCode, StudyError
 from worker.image_io import read_grey_uint8, read_header, sniff_format, write_png
 
 

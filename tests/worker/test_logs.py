@@ -6,7 +6,7 @@ import io
 import json
 import logging
 
-from worker.logs import configure_logging, log_context
+from worker.core.logs import configure_logging, log_context
 
 
 def test_context_ids_are_attached_in_json() -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from worker.errors import ModelFileError
+from worker.core.errors import ModelFileError
 from worker.weights import METADATA_MEMBER, ModelInfo, read_model_info
 
 INFO = ModelInfo(

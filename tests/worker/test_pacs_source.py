@@ -15,7 +15,8 @@ from scheduler.poll import poll_once
 from tests.helpers.dicom_builders import WrittenSeries, write_ct_series
 from tests.helpers.orthanc import OrthancServer, orthanc  # noqa: F401 - the fixture
 from tests.helpers.pacs_results import blood_hu, local_deps, measured_study
-from worker.errors import TransientError
+from worker.core.errors import TransientError
+from worker.core.settings import Settings
 from worker.pacs_source import (
     DicomwebClient,
     DicomwebError,
@@ -25,7 +26,6 @@ from worker.pacs_source import (
     study_query,
 )
 from worker.processing import process_run
-from worker.settings import Settings
 from worker.storage import LocalStore
 
 pytestmark = pytest.mark.integration

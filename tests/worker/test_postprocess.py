@@ -9,7 +9,7 @@ import pydicom
 import pytest
 
 from tests.helpers.series_builders import ring_skull_slice
-from worker.errors import ErrorCode, StudyError
+from worker.core.errors import ErrorCode, StudyError
 from worker.postprocess import binarize, intracranial_mask, postprocess, remove_small_components
 
 

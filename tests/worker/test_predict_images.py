@@ -12,7 +12,7 @@ import pytest
 
 from tests.helpers.segmenters import HuBandSegmenter
 from worker import cli
-from worker.errors import ConfigurationError
+from worker.core.errors import ConfigurationError
 from worker.predict_images import predict_images
 
 

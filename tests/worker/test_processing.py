@@ -15,7 +15,7 @@ from tests.helpers.dicom_builders import write_ct_series
 from tests.helpers.segmenters import HuBandSegmenter
 from tests.helpers.services import S3Bucket
 from worker import db
-from worker.errors import TransientError
+from worker.core.errors import TransientError
 from worker.processing import claim_run, process_run
 from worker.runtime import WorkerDeps
 from worker.tables import Result, Run, RunState, Study

@@ -13,9 +13,9 @@ from tests.helpers.dicom_builders import write_ct_series
 from tests.helpers.hostile import MemoryStore
 from tests.helpers.segmenters import HuBandSegmenter
 from worker import db
+from worker.core.settings import Settings
 from worker.processing import _process_claimed, artefact_prefix, claim_run, process_run, record_hard_time_limit
 from worker.runtime import WorkerDeps
-from worker.settings import Settings
 from worker.tables import Result, Run, RunState, Study
 
 pytestmark = pytest.mark.integration

@@ -18,9 +18,9 @@ from scheduler.poll import poll_once
 from tests.helpers.dicom_builders import write_ct_series
 from tests.helpers.segmenters import HuBandSegmenter
 from worker import db, processing, read_ahead, runtime
+from worker.core.settings import Settings
 from worker.local import local_settings
 from worker.processing import process_run
-from worker.settings import Settings
 from worker.tables import Result
 
 

@@ -8,7 +8,7 @@ import cv2
 import numpy as np
 
 from worker import metrics, report
-from worker.ct import DISCLAIMER
+from worker.core.ct import DISCLAIMER
 
 
 def _data(n: int = 5, *, study: str = "case-1", nan: bool = True) -> report.ReportData:

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 
 from tests.helpers.dicom_builders import SAGITTAL, tilted_orientation
+from worker.core.errors import ErrorCode, StudyError
+from worker.core.settings import Settings
 from worker.dicom_files import DicomHeader
-from worker.errors import ErrorCode, StudyError
 from worker.series_selection import (
     CT_IMAGE_STORAGE,
     ENHANCED_CT_STORAGE,
@@ -22,7 +23,6 @@ from worker.series_selection import (
     evaluate_series,
     select_series,
 )
-from worker.settings import Settings
 
 _uids = itertools.count(1)
 AXIAL = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)

@@ -10,8 +10,8 @@ from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 
 from tests.helpers.dicom_builders import write_ct_series
+from worker.core.errors import ErrorCode, StudyError
 from worker.dicom_files import scan_study
-from worker.errors import ErrorCode, StudyError
 from worker.series_selection import MIN_IMAGE_SIDE, SelectionRules, select_series
 
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from worker.errors import ConfigurationError
-from worker.settings import Settings, settings_fields, settings_table_markdown
+from worker.core.errors import ConfigurationError
+from worker.core.settings import Settings, settings_fields, settings_table_markdown
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 
@@ -68,6 +68,6 @@ def test_every_variable_is_unique_and_documented() -> None:
 def test_readme_settings_table_is_the_rendered_one() -> None:
     text = README.read_text()
     table = settings_table_markdown()
-    assert table in text, "README settings table is stale: paste worker.settings.settings_table_markdown()"
+    assert table in text, "README settings table is stale: paste worker.core.settings.settings_table_markdown()"
     documented = set(re.findall(r"^\| `([A-Z0-9_]+)` \|", text, flags=re.M))
     assert documented == {row["env"] for row in settings_fields()}

@@ -15,8 +15,8 @@ from botocore.config import Config
 from botocore.exceptions import ClientError
 
 from tests.helpers.services import S3Bucket, S3Server, free_ports
-from worker.errors import ConfigurationError, ErrorCode, StudyError, TransientError
-from worker.settings import Settings
+from worker.core.errors import ConfigurationError, ErrorCode, StudyError, TransientError
+from worker.core.settings import Settings
 from worker.storage import (
     MULTIPART_THRESHOLD_BYTES,
     TEMP_PREFIX,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from worker.settings import Settings
+from worker.core.settings import Settings
 from worker.storage import make_s3_client
 
 

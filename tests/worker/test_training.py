@@ -17,7 +17,7 @@ import pytest
 
 from tests.helpers.labelled_data import write_phantom_studies
 from worker import cli, training
-from worker.errors import ConfigurationError
+from worker.core.errors import ConfigurationError
 from worker.training import SliceArrays, TrainConfig, make_dataset, split_by_patient, train
 from worker.weights import read_model_info
 

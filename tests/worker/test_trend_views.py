@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from tests.helpers.trends import add_result, add_scan, add_study, at, session_for, trend_sessions, trend_url
 from worker import db
-from worker.settings import Settings
+from worker.core.settings import Settings
 from worker.tables import RunState
 from worker.trends import (
     Definition,

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from tests.helpers.series_builders import make_ct_series
-from worker.errors import ErrorCode, StudyError
+from worker.core.errors import ErrorCode, StudyError
 from worker.volume import Abc2, abc2, planimetric_volume_ml, slice_areas_mm2
 
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from worker.errors import ConfigurationError
+from worker.core.errors import ConfigurationError
 
 _UNSET: Any = object()
 
