@@ -166,9 +166,9 @@ def main(argv: list[str] | None = None) -> int:
         timings = time_rounds(runners, rounds=args.rounds)
         result["engines"] = {name: t.to_json() for name, t in timings.items()}
     if args.seed_study:
-        from worker.dicom_load import load_study
+        from worker.imaging.dicom_load import load_study
+        from worker.imaging.series_selection import SelectionRules
         from worker.model import load_segmenter
-        from worker.series_selection import SelectionRules
 
         series = load_study(args.seed_study, rules=SelectionRules())
         model = load_keras_model(args.model)

@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from worker import preprocess
-    from worker.image_io import IMAGE_SUFFIXES, read_grey_uint8
+    from worker.imaging.image_io import IMAGE_SUFFIXES, read_grey_uint8
     from worker.model import load_segmenter
 
     if not args.images.is_dir():

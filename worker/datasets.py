@@ -3,10 +3,10 @@
 Images are windowed exactly as inference windows them (:mod:`worker.preprocess`), so a
 model never sees a different intensity mapping in training and in production:
 
-* CT studies (DICOM, read by :func:`worker.dicom_load.load_study` as ``ichvol segment``
+* CT studies (DICOM, read by :func:`worker.imaging.dicom_load.load_study` as ``ichvol segment``
   reads them): HU clipped to the window and mapped to [-1, 1], padded to a square with air
   and resized to the input size (:func:`worker.preprocess.to_model_input`); the truth mask
-  (:mod:`worker.ground_truth`) is padded and resized the same way and re-thresholded at
+  (:mod:`worker.imaging.ground_truth`) is padded and resized the same way and re-thresholded at
   0.5 (:func:`worker.preprocess.mask_to_model`).
 * 2-D images (the seed's format: 8-bit slices already windowed, PNG/JPEG/BMP, any size):
   ``pixel / 127.5 - 1`` (the window (0, 255) on the pixel values, the same mapping as
@@ -70,7 +70,7 @@ import worker
 from worker import framework, preprocess
 from worker.core.ct import DISCLAIMER
 from worker.core.errors import ErrorCode, StudyError
-from worker.image_io import IMAGE_SUFFIXES, read_grey_uint8
+from worker.imaging.image_io import IMAGE_SUFFIXES, read_grey_uint8
 from worker.training import SliceArrays, finish_dataset
 
 if TYPE_CHECKING:
@@ -336,7 +336,7 @@ def study_patient(study_dir: Path, *, patient_key: str = "patient-id", max_files
         return Path(study_dir).name
     if patient_key != "patient-id":
         raise ValueError(f"patient_key must be 'patient-id' or 'folder', got {patient_key!r}")
-    from worker.dicom_files import read_dataset, scan_study
+    from worker.imaging.dicom_files import read_dataset, scan_study
 
     files = scan_study(Path(study_dir), max_files=max_files)
     ds = read_dataset(files.headers[0].path, forced=files.headers[0].forced, stop_before_pixels=True)
@@ -360,9 +360,9 @@ def load_study_slices(
     Returns images ``(n, S, S)`` float32 in [-1, 1] and masks ``(n, S, S)`` uint8 0/1 in the
     series' sorted order. Raises :class:`StudyError` for an unusable study or truth.
     """
-    from worker.dicom_load import load_study
-    from worker.ground_truth import load_truth_mask
-    from worker.series_selection import SelectionRules
+    from worker.imaging.dicom_load import load_study
+    from worker.imaging.ground_truth import load_truth_mask
+    from worker.imaging.series_selection import SelectionRules
 
     series = load_study(Path(study_dir), rules=SelectionRules(max_files=max_files))
     truth = load_truth_mask(Path(study_dir), series, labels=labels)

@@ -180,7 +180,7 @@ def _evaluate_case(
     options: SegmentationOptions,
     labels: Sequence[int] | None,
 ) -> CaseResult:
-    from worker.ground_truth import load_truth_mask
+    from worker.imaging.ground_truth import load_truth_mask
 
     name = study_dir.name
     drunet_mask, drunet_s, outcome = _pipeline_mask(study_dir, case_dir / "drunet", drunet, options, "DR-UNet")

@@ -49,7 +49,7 @@ import worker
 from worker import preprocess
 from worker.core.ct import DISCLAIMER
 from worker.core.errors import ConfigurationError, StudyError
-from worker.image_io import GreyImage, read_grey_uint8, sniff_format, write_png
+from worker.imaging.image_io import GreyImage, read_grey_uint8, sniff_format, write_png
 from worker.weights import Segmenter
 
 __all__ = [

@@ -4,7 +4,7 @@ A worker process runs one study at a time (Celery prefetch 1, late acknowledgeme
 by default the model waits while the next study downloads and decodes. With
 ``ICHVOL_READ_AHEAD`` on, :func:`start_next` (called once the current study is on
 disk) starts one background thread that picks the oldest run still ``queued`` for this
-model version, downloads its objects and decodes its series (:func:`worker.dicom_load.load_study`);
+model version, downloads its objects and decodes its series (:func:`worker.imaging.dicom_load.load_study`);
 when that run's task arrives here, :func:`take` hands over the folder and the decoded
 series, and the study goes straight to inference. The model is never loaded twice:
 the thread only does I/O and decoding.
@@ -131,8 +131,8 @@ class ReadAhead:
         return target
 
     def _prepare(self, target: NextRun, folder: Path) -> None:
-        from worker.dicom_load import load_study
-        from worker.series_selection import SelectionRules
+        from worker.imaging.dicom_load import load_study
+        from worker.imaging.series_selection import SelectionRules
 
         prepared: Prepared | None = None
         try:

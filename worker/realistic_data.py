@@ -102,8 +102,8 @@ class SyntheticConfig:
 def load_background_slices(ct_dir: Path) -> tuple[BackgroundSlice, ...]:
     """Every slice of the study in ``ct_dir`` (read as ``ichvol segment`` reads it) with its
     intracranial mask. Raises :class:`worker.errors.StudyError` for an unusable folder."""
-    from worker.dicom_load import load_study
-    from worker.series_selection import SelectionRules
+    from worker.imaging.dicom_load import load_study
+    from worker.imaging.series_selection import SelectionRules
 
     series = load_study(Path(ct_dir), rules=SelectionRules())
     spacing = (float(series.pixel_spacing_mm[0]), float(series.pixel_spacing_mm[1]))

@@ -285,7 +285,7 @@ def write_case_overlay(
     for n, text in enumerate(lines):
         cv2.putText(sheet, text, (6, 14 + n * line_px), font, font_scale, (255, 255, 255), 1, cv2.LINE_AA)
     sheet[line_px * len(lines) + 8 :, :width] = tile
-    from worker.image_io import write_png
+    from worker.imaging.image_io import write_png
 
     return write_png(Path(path), sheet)
 

@@ -168,7 +168,7 @@ def _write_status() -> None:
 def init_pool_process(settings: Settings) -> None:
     """Runs in each pool process after the fork: build dependencies and load the model."""
     from worker.core.logs import configure_logging
-    from worker.dicom_files import redact_warnings
+    from worker.imaging.dicom_files import redact_warnings
 
     configure_logging(level=settings.log_level, fmt=settings.log_format)
     redact_warnings()  # warnings quote header values (patient names): log them without

@@ -12,8 +12,8 @@ import pytest
 from tests.helpers.labelled_data import write_image_folders, write_phantom_studies
 from worker import datasets, preprocess
 from worker.core.errors import ErrorCode, StudyError
-from worker.dicom_load import load_study
-from worker.series_selection import SelectionRules
+from worker.imaging.dicom_load import load_study
+from worker.imaging.series_selection import SelectionRules
 
 WINDOW = (-20.0, 100.0)
 

@@ -13,9 +13,9 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, MediaStorageDirectoryStorage, generate_uid
 
 from tests.helpers.dicom_builders import set_unchecked, write_ct_series
-from worker import dicom_files
 from worker.core.errors import ErrorCode, StudyError
-from worker.dicom_files import group_by_series, list_study_files, read_dataset, read_header, scan_study
+from worker.imaging import dicom_files
+from worker.imaging.dicom_files import group_by_series, list_study_files, read_dataset, read_header, scan_study
 
 
 def _error(study: Path, *, max_files: int = 100) -> StudyError:

@@ -14,7 +14,7 @@ from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 
 from tests.helpers.dicom_builders import write_ct_series
-from worker.dicom_files import _MappedFile, read_dataset, read_header, redact_quoted
+from worker.imaging.dicom_files import _MappedFile, read_dataset, read_header, redact_quoted
 
 
 def _lying_length(path: Path, tag: tuple[int, int], length: int) -> None:
@@ -67,7 +67,7 @@ def test_mapped_file_behaves_like_a_file(tmp_path: Path) -> None:
 
 
 def test_pydicom_log_records_lose_the_quoted_value(caplog: pytest.LogCaptureFixture) -> None:
-    import worker.dicom_files  # noqa: F401 - installs the filter
+    import worker.imaging.dicom_files  # noqa: F401 - installs the filter
 
     with caplog.at_level(logging.WARNING, logger="pydicom"):
         logging.getLogger("pydicom").warning("Invalid value for VR PN: 'Zyxwvut^Qqqq'.")
@@ -102,7 +102,7 @@ def test_worker_processes_log_warnings_without_values(tmp_path: Path) -> None:
     code = (
         "import logging, sys, warnings\n"
         "logging.basicConfig(stream=sys.stdout, level=logging.WARNING)\n"
-        "from worker.dicom_files import redact_warnings\n"
+        "from worker.imaging.dicom_files import redact_warnings\n"
         "redact_warnings()\n"
         "warnings.warn(\"Invalid value for VR PN: 'Zyxwvut^Qqqq'.\")\n"
     )

@@ -26,8 +26,8 @@ from tests.helpers.dicom_builders import (
 )
 from worker.core.ct import CtSeries
 from worker.core.errors import ErrorCode, StudyError
-from worker.dicom_load import load_study, read_source_headers
-from worker.series_selection import SelectionRules
+from worker.imaging.dicom_load import load_study, read_source_headers
+from worker.imaging.series_selection import SelectionRules
 
 RULES = SelectionRules()
 
@@ -341,7 +341,7 @@ def test_multiframe_is_refused(tmp_path: Path) -> None:
 def test_file_rewritten_after_the_scan(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A file replaced between header scan and pixel read by one of another size is caught."""
     written = write_ct_series(tmp_path)
-    import worker.dicom_load as dicom_load
+    import worker.imaging.dicom_load as dicom_load
 
     real_read = dicom_load.read_dataset
 

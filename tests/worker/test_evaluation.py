@@ -107,9 +107,9 @@ def test_slice_metrics_are_recomputed_from_the_saved_masks(evaluated: tuple[Path
     slices = [r for r in _rows(out / "slices.csv") if r["method"] == "drunet" and r["study"] == "study-01"]
     with np.load(out / "cases" / "study-01" / "drunet" / "mask.npz") as data:
         predicted = data["mask"]
-    from worker.dicom_load import load_study
-    from worker.ground_truth import load_truth_mask
-    from worker.series_selection import SelectionRules
+    from worker.imaging.dicom_load import load_study
+    from worker.imaging.ground_truth import load_truth_mask
+    from worker.imaging.series_selection import SelectionRules
 
     series = load_study(studies / "study-01", rules=SelectionRules())
     table = metrics.slice_table(load_truth_mask(studies / "study-01", series), predicted)

@@ -15,10 +15,10 @@ from tests.helpers.dicom_builders import (
     tilted_orientation,
     write_ct_series,
 )
-from worker import geometry
 from worker.core.errors import ErrorCode, StudyError
-from worker.dicom_load import load_study
-from worker.series_selection import SelectionRules
+from worker.imaging import geometry
+from worker.imaging.dicom_load import load_study
+from worker.imaging.series_selection import SelectionRules
 
 GE_ORIENTATION = (1.0, 0.0, 0.0, 0.0, 0.9483237, -0.3173047)  # the real GE series, +18.5 deg
 

@@ -14,9 +14,9 @@ from pydicom.encaps import encapsulate, generate_frames
 from pydicom.uid import UID, JPEG2000Lossless, JPEGLosslessSV1, JPEGLSLossless, RLELossless
 
 from tests.helpers.dicom_builders import COMPRESSED_SYNTAXES, default_hu, write_ct_series
-from worker import hu as hu_module
 from worker.core.errors import ErrorCode, StudyError
-from worker.hu import AIR_HU, codestream_size, normalise_bits, padding_range, rescale_to_hu, to_hu
+from worker.imaging import hu as hu_module
+from worker.imaging.hu import AIR_HU, codestream_size, normalise_bits, padding_range, rescale_to_hu, to_hu
 
 
 def _one_slice(tmp_path: Path, **kwargs: Any) -> tuple[Dataset, np.ndarray]:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from worker.core.errors import ErrorCode, StudyError
-from worker.image_io import read_grey_uint8, read_header, sniff_format, write_png
+from worker.imaging.image_io import read_grey_uint8, read_header, sniff_format, write_png
 
 
 def _encode(ext: str, image: np.ndarray) -> bytes:

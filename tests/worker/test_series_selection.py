@@ -13,8 +13,8 @@ import pytest
 from tests.helpers.dicom_builders import SAGITTAL, tilted_orientation
 from worker.core.errors import ErrorCode, StudyError
 from worker.core.settings import Settings
-from worker.dicom_files import DicomHeader
-from worker.series_selection import (
+from worker.imaging.dicom_files import DicomHeader
+from worker.imaging.series_selection import (
     CT_IMAGE_STORAGE,
     ENHANCED_CT_STORAGE,
     SECONDARY_CAPTURE_PREFIX,

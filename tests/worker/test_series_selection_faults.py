@@ -11,8 +11,8 @@ from pydicom.dataset import Dataset
 
 from tests.helpers.dicom_builders import write_ct_series
 from worker.core.errors import ErrorCode, StudyError
-from worker.dicom_files import scan_study
-from worker.series_selection import MIN_IMAGE_SIDE, SelectionRules, select_series
+from worker.imaging.dicom_files import scan_study
+from worker.imaging.series_selection import MIN_IMAGE_SIDE, SelectionRules, select_series
 
 
 def _select(folder: Path) -> StudyError:

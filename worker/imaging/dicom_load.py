@@ -1,9 +1,9 @@
 """Load a study folder into the one :class:`worker.core.ct.CtSeries` to measure.
 
-Headers first: :func:`worker.dicom_files.scan_study` reads every header (no pixels),
-:func:`worker.series_selection.select_series` picks the series and checks every limit,
+Headers first: :func:`worker.imaging.dicom_files.scan_study` reads every header (no pixels),
+:func:`worker.imaging.series_selection.select_series` picks the series and checks every limit,
 and only then is the HU volume allocated and each chosen slice read once, decoded and
-converted (:func:`worker.hu.to_hu`).
+converted (:func:`worker.imaging.hu.to_hu`).
 """
 
 from __future__ import annotations
@@ -17,12 +17,12 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 
-from worker import geometry
 from worker.core.ct import CtSeries, SliceRef, StudyInfo
 from worker.core.errors import ErrorCode, StudyError
-from worker.dicom_files import must_propagate, quiet_pydicom, read_dataset, scan_study
-from worker.hu import to_hu
-from worker.series_selection import SelectionRules, UsableSeries, select_series
+from worker.imaging import geometry
+from worker.imaging.dicom_files import must_propagate, quiet_pydicom, read_dataset, scan_study
+from worker.imaging.hu import to_hu
+from worker.imaging.series_selection import SelectionRules, UsableSeries, select_series
 
 logger = logging.getLogger(__name__)
 

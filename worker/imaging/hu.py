@@ -35,7 +35,7 @@ from pydicom.pixels.decoders.base import get_decoder
 from pydicom.uid import UID, JPEG2000TransferSyntaxes, JPEGLSTransferSyntaxes, JPEGTransferSyntaxes
 
 from worker.core.errors import ErrorCode, StudyError
-from worker.dicom_files import must_propagate, quiet_pydicom
+from worker.imaging.dicom_files import must_propagate, quiet_pydicom
 
 logger = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Choose the one series of a study to measure, and say why every other one was not.
 
-Input is headers only (:class:`worker.dicom_files.DicomHeader`); nothing here reads
+Input is headers only (:class:`worker.imaging.dicom_files.DicomHeader`); nothing here reads
 pixels, so every size limit is checked before anything is allocated.
 
 A series is usable when, checked in this order:
@@ -45,10 +45,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from worker import geometry
 from worker.core.ct import RejectedSeries, SeriesSelection, SeriesSummary
 from worker.core.errors import ErrorCode, StudyError
-from worker.dicom_files import DicomHeader, group_by_series
+from worker.imaging import geometry
+from worker.imaging.dicom_files import DicomHeader, group_by_series
 
 if TYPE_CHECKING:
     from worker.core.settings import Settings

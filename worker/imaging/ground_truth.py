@@ -1,7 +1,7 @@
 """A study's reference (ground-truth) hematoma mask, aligned to the measured series' sorted slices.
 
 Evaluation and dataset preparation read a study folder exactly as ``ichvol segment`` does
-(:func:`worker.dicom_load.load_study`) and then need the truth on the same grid:
+(:func:`worker.imaging.dicom_load.load_study`) and then need the truth on the same grid:
 ``(slices, rows, columns)`` uint8 0/1 in the series' sorted order (:mod:`worker.core.ct`).
 The truth lies inside the study folder (any depth) in one of these forms; exactly one
 must be present:
