@@ -114,9 +114,9 @@ def make_bench_model(path: Path, *, dims: int, input_size: int, seed: int = 0) -
     """
     import numpy as np
 
-    from worker import framework
-    from worker.model import build_drunet, save_model
-    from worker.weights import ModelInfo
+    from worker.model import framework
+    from worker.model.networks import build_drunet, save_model
+    from worker.model.weights import ModelInfo
 
     keras = framework.keras()
     rng = np.random.default_rng(seed)

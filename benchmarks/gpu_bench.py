@@ -13,9 +13,9 @@ backend's own compiled predict step, after a warm-up. Studies per hour assume 32
 studies and add ``--cpu-stages-s`` seconds per study for the stages that stay on the
 CPU (read, preprocess, postprocess, write; measured by ``benchmarks/run.py``).
 
-Exception to "only worker/framework.py imports Keras": this standalone script picks the
+Exception to "only worker/model/framework.py imports Keras": this standalone script picks the
 Keras backend before Keras is imported, which the package's framework module (always
-TensorFlow) cannot do. It builds the model with :func:`worker.model.build_drunet` by
+TensorFlow) cannot do. It builds the model with :func:`worker.model.networks.build_drunet` by
 handing that function this Keras module instead of the framework's.
 """
 
@@ -58,7 +58,8 @@ def _device(backend: str) -> str:
 
 
 def _build(keras: Any, *, dims: int, size: int) -> Any:
-    from worker import framework, model
+    from worker.model import framework
+    from worker.model import networks as model
 
     framework.keras = lambda: keras  # type: ignore[assignment]  # the backend chosen here, not TensorFlow
     return model.build_drunet(dims=dims, input_size=size)
@@ -98,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     import keras
 
     if args.model is not None:  # the file's own architecture (read without any framework)
-        from worker.weights import read_model_info
+        from worker.model.weights import read_model_info
 
         info = read_model_info(args.model)
         args.dims, args.size = info.dims, info.input_size

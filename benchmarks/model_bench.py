@@ -6,7 +6,7 @@ Run by :mod:`benchmarks.run` in a subprocess (threads are fixed at start)::
         --engines keras-predict,keras,folded,folded-bf16,onnx --peak --json out.json
 
 Engines: ``keras-predict`` is the plain ``model.predict`` path (the baseline of the
-targets); the others are :func:`worker.model.load_segmenter` engines. Every engine sees
+targets); the others are :func:`worker.model.networks.load_segmenter` engines. Every engine sees
 the same ``(slices, S, S)`` float32 input in [-1, 1]; rounds are interleaved
 (:func:`benchmarks.common.time_rounds`). ``--seed-study DIR`` also times the seed's own
 processing path against ours on the same slices (see :func:`seed_path`).
@@ -29,7 +29,7 @@ SEED_SIDE = 1440  # the seed resizes every image to 1440 x 1440
 
 def matmul_peak(*, n: int, rounds: int) -> dict[str, float]:
     """GFLOP/s of one ``n x n`` matrix product: TensorFlow float32 and bfloat16 (oneDNN), numpy float32."""
-    from worker import framework
+    from worker.model import framework
 
     tf = framework.tf()
     rng = np.random.default_rng(0)
@@ -53,7 +53,7 @@ def matmul_peak(*, n: int, rounds: int) -> dict[str, float]:
 def _engine_runner(
     name: str, model_path: Path, *, batch_size: int, threads: int, images: np.ndarray
 ) -> Callable[[], object]:
-    from worker.model import load_keras_model, load_segmenter
+    from worker.model.networks import load_keras_model, load_segmenter
 
     if name == "keras-predict":
         model = load_keras_model(model_path)
@@ -99,7 +99,8 @@ def seed_path(hu: np.ndarray, model: Any, *, window: tuple[float, float], size: 
 
 def our_path(series: Any, segmenter: Any, out_png: Path) -> float:
     """Our path on the same slices: preprocess, inference, post-processing, volume, overlay picture."""
-    from worker import overlay, postprocess, preprocess, volume
+    from worker import overlay, postprocess, volume
+    from worker.model import preprocess
 
     info = segmenter.info
     images, fit = preprocess.to_model_input(series.hu, size=info.input_size, window=info.hu_window)
@@ -138,10 +139,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, required=True)
     args = parser.parse_args(argv)
 
-    from worker import framework
-    from worker.fast_inference import fold_keras_model
-    from worker.model import load_keras_model
-    from worker.weights import read_model_info
+    from worker.model import framework
+    from worker.model.fold import fold_keras_model
+    from worker.model.networks import load_keras_model
+    from worker.model.weights import read_model_info
 
     framework.set_threads(args.threads)
     info = read_model_info(args.model)
@@ -168,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.seed_study:
         from worker.imaging.dicom_load import load_study
         from worker.imaging.series_selection import SelectionRules
-        from worker.model import load_segmenter
+        from worker.model.networks import load_segmenter
 
         series = load_study(args.seed_study, rules=SelectionRules())
         model = load_keras_model(args.model)

@@ -332,8 +332,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, required=True)
     args = parser.parse_args(argv)
 
-    from worker import framework
     from worker.core.settings import Settings
+    from worker.model import framework
     from worker.storage import make_s3_client
 
     framework.set_threads(args.threads)

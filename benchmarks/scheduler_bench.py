@@ -35,8 +35,8 @@ from sqlalchemy import event
 from scheduler.poll import poll_once
 from worker import db
 from worker.core.settings import Settings
+from worker.model.weights import ModelInfo
 from worker.storage import LocalStore
-from worker.weights import ModelInfo
 
 MODEL = ModelInfo(
     name="DR-UNet",

@@ -66,8 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, required=True)
     args = parser.parse_args(argv)
 
-    from worker import framework
-    from worker.model import load_segmenter
+    from worker.model import framework
+    from worker.model.networks import load_segmenter
     from worker.pipeline import segment_study
 
     framework.set_threads(args.threads)

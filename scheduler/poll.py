@@ -32,8 +32,8 @@ from scheduler.listing import StudyListing, group_studies, normalise_prefix
 from worker import db
 from worker.core.errors import ErrorCode, TransientError
 from worker.core.settings import Settings
+from worker.model.weights import ModelInfo
 from worker.tables import Run, RunState, Study
-from worker.weights import ModelInfo
 
 log = logging.getLogger(__name__)
 

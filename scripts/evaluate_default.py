@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=None, help="write every result here")
     args = parser.parse_args(argv)
 
-    from worker.model import load_segmenter
+    from worker.model.networks import load_segmenter
     from worker.phantom import LesionSpec, PhantomSpec, generate_study
     from worker.pipeline import SegmentationOptions, segment_study
 

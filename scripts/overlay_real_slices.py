@@ -42,9 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tile", type=int, default=240, help="tile side in the sheet, pixels")
     args = parser.parse_args(argv)
 
-    from worker import preprocess
     from worker.imaging.image_io import IMAGE_SUFFIXES, read_grey_uint8
-    from worker.model import load_segmenter
+    from worker.model import preprocess
+    from worker.model.networks import load_segmenter
 
     if not args.images.is_dir():
         print(f"overlay_real_slices: {args.images} does not exist (see ../shared/data/README.md)", file=sys.stderr)

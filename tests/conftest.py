@@ -49,8 +49,8 @@ TINY_INPUT = 32
 @pytest.fixture(scope="session")
 def tiny_model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An untrained DR-UNet (dims 4, 32x32 input) saved with metadata: fast, for plumbing tests."""
-    from worker.model import build_drunet, save_model
-    from worker.weights import ModelInfo
+    from worker.model.networks import build_drunet, save_model
+    from worker.model.weights import ModelInfo
 
     model = build_drunet(dims=4, input_size=TINY_INPUT)
     info = ModelInfo(

@@ -36,8 +36,8 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 def _load_segmenter(settings: Settings):  # type: ignore[no-untyped-def]
     """The configured model: metadata now, TensorFlow and weights on first use."""
-    from worker import framework
-    from worker.model import LazySegmenter
+    from worker.model import framework
+    from worker.model.networks import LazySegmenter
 
     framework.set_threads(settings.inference_threads)
     return LazySegmenter(
@@ -118,7 +118,7 @@ def _add_model_info(sub: argparse._SubParsersAction) -> None:  # type: ignore[ty
 def _model_info(args: argparse.Namespace, settings: Settings) -> int:
     import json
 
-    from worker.weights import read_model_info, resolve_model_path
+    from worker.model.weights import read_model_info, resolve_model_path
 
     path, is_default = resolve_model_path(settings.model_path)
     info = read_model_info(path)

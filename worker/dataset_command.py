@@ -66,8 +66,9 @@ def add_dataset_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_dataset_command(args: argparse.Namespace, settings: Settings) -> int:
-    from worker import datasets, framework
+    from worker import datasets
     from worker.core.errors import ConfigurationError
+    from worker.model import framework
     from worker.training import DEFAULT_HU_WINDOW
 
     framework.set_threads(settings.inference_threads)

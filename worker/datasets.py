@@ -1,16 +1,16 @@
 """Training data at model input size: phantom slices, and prepared TFRecord datasets from labelled data.
 
-Images are windowed exactly as inference windows them (:mod:`worker.preprocess`), so a
+Images are windowed exactly as inference windows them (:mod:`worker.model.preprocess`), so a
 model never sees a different intensity mapping in training and in production:
 
 * CT studies (DICOM, read by :func:`worker.imaging.dicom_load.load_study` as ``ichvol segment``
   reads them): HU clipped to the window and mapped to [-1, 1], padded to a square with air
-  and resized to the input size (:func:`worker.preprocess.to_model_input`); the truth mask
+  and resized to the input size (:func:`worker.model.preprocess.to_model_input`); the truth mask
   (:mod:`worker.imaging.ground_truth`) is padded and resized the same way and re-thresholded at
-  0.5 (:func:`worker.preprocess.mask_to_model`).
+  0.5 (:func:`worker.model.preprocess.mask_to_model`).
 * 2-D images (the seed's format: 8-bit slices already windowed, PNG/JPEG/BMP, any size):
   ``pixel / 127.5 - 1`` (the window (0, 255) on the pixel values, the same mapping as
-  :func:`worker.preprocess.uint8_to_unit`), then the same padding and resizing. The HU
+  :func:`worker.model.preprocess.uint8_to_unit`), then the same padding and resizing. The HU
   window the images were exported with is recorded (the user states it), because a model
   trained on them windows DICOM input the same way.
 
@@ -67,10 +67,10 @@ import numpy as np
 import numpy.typing as npt
 
 import worker
-from worker import framework, preprocess
 from worker.core.ct import DISCLAIMER
 from worker.core.errors import ErrorCode, StudyError
 from worker.imaging.image_io import IMAGE_SUFFIXES, read_grey_uint8
+from worker.model import framework, preprocess
 from worker.training import SliceArrays, finish_dataset
 
 if TYPE_CHECKING:

@@ -60,8 +60,8 @@ import worker
 from worker import baselines, metrics, postprocess, report, volume
 from worker.core.ct import DISCLAIMER, CtSeries
 from worker.core.errors import ConfigurationError, ErrorCode, StudyError
+from worker.model.weights import Segmenter
 from worker.pipeline import SegmentationOptions, segment_study
-from worker.weights import Segmenter
 
 log = logging.getLogger(__name__)
 

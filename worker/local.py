@@ -18,7 +18,7 @@ from sqlalchemy import select
 
 from worker.core.errors import TransientError
 from worker.core.settings import Settings
-from worker.weights import Segmenter
+from worker.model.weights import Segmenter
 
 log = logging.getLogger(__name__)
 

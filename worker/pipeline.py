@@ -30,14 +30,15 @@ from typing import Any
 
 import numpy as np
 
-from worker import __version__, outputs, overlay, postprocess, preprocess, volume
+from worker import __version__, outputs, overlay, postprocess, volume
 from worker.core.ct import DISCLAIMER, CtSeries, SeriesSelection
 from worker.core.errors import ErrorCode, StudyError
 from worker.core.settings import Settings
 from worker.imaging import geometry
 from worker.imaging.dicom_load import load_study, read_source_headers
 from worker.imaging.series_selection import SelectionRules
-from worker.weights import Segmenter
+from worker.model import preprocess
+from worker.model.weights import Segmenter
 
 log = logging.getLogger(__name__)
 

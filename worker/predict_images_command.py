@@ -34,9 +34,9 @@ def add_predict_images_arguments(p: argparse.ArgumentParser) -> None:
 def run_predict_images_command(args: argparse.Namespace, settings: Settings) -> int:
     import sys
 
-    from worker import framework
     from worker.core.errors import ConfigurationError
-    from worker.model import LazySegmenter
+    from worker.model import framework
+    from worker.model.networks import LazySegmenter
     from worker.predict_images import predict_images
 
     if args.slice_thickness is not None and args.pixel_spacing is None:

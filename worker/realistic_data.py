@@ -48,9 +48,9 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
-from worker import preprocess
 from worker.domain_randomization import random_view, randomize_appearance
 from worker.lesion_insertion import insert_lesions
+from worker.model import preprocess
 from worker.postprocess import intracranial_mask
 from worker.training import SliceArrays, finish_dataset
 
@@ -281,7 +281,7 @@ class UInt8Slices:
         return int(self.images.shape[0])
 
     def tf_dataset(self, *, batch_size: int, shuffle: bool, augment: bool, seed: int, repeat: bool = False) -> Any:
-        from worker import framework
+        from worker.model import framework
 
         tf = framework.tf()
         ds = tf.data.Dataset.from_tensor_slices((self.images[..., None], self.masks[..., None]))

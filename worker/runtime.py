@@ -23,7 +23,7 @@ from typing import Any
 
 from worker.core.errors import IchvolError, ModelFileError
 from worker.core.settings import Settings
-from worker.weights import ModelInfo, Segmenter, read_model_info, resolve_model_path
+from worker.model.weights import ModelInfo, Segmenter, read_model_info, resolve_model_path
 
 log = logging.getLogger(__name__)
 
@@ -82,8 +82,8 @@ def build_deps(
     info = model_info or model_reference(settings)
 
     def default_factory() -> Segmenter:
-        from worker import framework
-        from worker.model import load_segmenter
+        from worker.model import framework
+        from worker.model.networks import load_segmenter
 
         framework.set_threads(settings.inference_threads)
         return load_segmenter(
@@ -182,7 +182,7 @@ def init_pool_process(settings: Settings) -> None:
         return
     try:
         deps.segmenter  # noqa: B018 - load now, not on the first study
-        from worker import framework
+        from worker.model import framework
 
         _status.update(loaded=True, device=framework.device_description())
     except ModelFileError as exc:

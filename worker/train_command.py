@@ -125,8 +125,9 @@ def _prepared_sources(args: argparse.Namespace) -> tuple[Any, Any, tuple[float, 
 
 
 def run_train_command(args: argparse.Namespace, settings: Settings) -> int:
-    from worker import datasets, framework
+    from worker import datasets
     from worker.core.errors import ConfigurationError
+    from worker.model import framework
     from worker.training import DEFAULT_HU_WINDOW, TrainConfig, split_by_patient, train
 
     framework.set_threads(settings.inference_threads)
@@ -166,7 +167,7 @@ def run_train_command(args: argparse.Namespace, settings: Settings) -> int:
     if args.mixed_precision and device == "CPU":
         print("ichvol: --mixed-precision has no float16 hardware to use here (no GPU); training in float16 anyway")
     if args.init_weights is not None:
-        from worker.weights import read_model_info
+        from worker.model.weights import read_model_info
 
         start = read_model_info(args.init_weights)
         description = f"{description}; fine-tuned from {start.version} (sha256 {start.sha256[:12]})"

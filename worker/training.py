@@ -3,12 +3,12 @@
 Defaults follow the paper: Adam, learning rate 2e-4, batch 16, BCE + Dice loss,
 50 epochs, 256x256 input. Each epoch is validated; the weights with the best
 validation Dice are kept as the output ``.keras`` file (with metadata, see
-:mod:`worker.weights`). An interrupted run resumes from its last finished epoch,
+:mod:`worker.model.weights`). An interrupted run resumes from its last finished epoch,
 optimizer state included (Keras ``BackupAndRestore`` in ``work_dir/backup``). Every
 epoch is logged to ``work_dir/log.csv`` and ``log.json``; ``curves.png`` plots them.
 
 Data are :class:`SliceArrays`: images ``(n, S, S)`` float32 already windowed to
-[-1, 1] (see :mod:`worker.preprocess`), masks ``(n, S, S)`` uint8 in {0, 1}, and the
+[-1, 1] (see :mod:`worker.model.preprocess`), masks ``(n, S, S)`` uint8 in {0, 1}, and the
 patient each slice came from (splits are by patient, never by slice); or any
 :class:`TrainingSource`, such as a split of a prepared TFRecord dataset
 (:class:`worker.datasets.DatasetSplit`), streamed from disk. Validation data are held in
@@ -46,9 +46,9 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
-from worker import framework
 from worker.core.errors import ConfigurationError
-from worker.weights import ModelInfo
+from worker.model import framework
+from worker.model.weights import ModelInfo
 
 log = logging.getLogger(__name__)
 
@@ -297,7 +297,7 @@ def train(
     that holds a run of another configuration is refused (:class:`ConfigurationError`, as
     are data of the wrong size).
     """
-    from worker import losses
+    from worker.model import losses
 
     keras = framework.keras()
     tf = framework.tf()
@@ -369,7 +369,7 @@ def check_init_weights(config: TrainConfig) -> ModelInfo:
     and HU window must be the run's: a model cannot take weights of another shape, and
     another window would change what its inputs mean.
     """
-    from worker.weights import read_model_info
+    from worker.model.weights import read_model_info
 
     assert config.init_weights is not None
     path = Path(config.init_weights)
@@ -430,7 +430,7 @@ def recalibrate_batchnorm(model: Any, batches: Any) -> int:
 
 def _export_copy(model: Any, config: TrainConfig) -> Any:
     """A fresh, uncompiled float32 copy of ``model`` for saving (no optimizer, no mixed policy)."""
-    from worker.model import build_model
+    from worker.model.networks import build_model
 
     keras = framework.keras()
     policy = keras.mixed_precision.global_policy().name
@@ -464,13 +464,13 @@ def _fit(
     losses: Any,
     tf: Any,
 ) -> TrainOutcome:
-    from worker.model import DISPLAY_NAMES, build_model, save_model
+    from worker.model.networks import DISPLAY_NAMES, build_model, save_model
 
     keras = framework.keras()
     size = config.input_size
     model = build_model(config.architecture, dims=config.dims, input_size=size)
     if config.init_weights is not None:
-        from worker.model import load_keras_model
+        from worker.model.networks import load_keras_model
 
         # A resumed run's own backup replaces these weights when fitting starts.
         model.set_weights(load_keras_model(Path(config.init_weights)).get_weights())
@@ -671,8 +671,8 @@ def average_weights(
     """
     from dataclasses import replace
 
-    from worker.model import load_keras_model, save_model
-    from worker.weights import read_model_info
+    from worker.model.networks import load_keras_model, save_model
+    from worker.model.weights import read_model_info
 
     if not 0.0 <= share_second <= 1.0:
         raise ConfigurationError(f"the share of the second model must be in [0, 1], got {share_second}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from worker.weights import ModelInfo
+from worker.model.weights import ModelInfo
 
 
 def save_hu_band_model(
@@ -20,8 +20,8 @@ def save_hu_band_model(
     ``sigmoid(k (x - lo)) * sigmoid(k (hi - x))`` on the windowed input: a deterministic
     stand-in for a trained model, so end-to-end tests can compare volumes with the truth.
     """
-    from worker import framework
-    from worker.model import save_model
+    from worker.model import framework
+    from worker.model.networks import save_model
 
     keras = framework.keras()
     low, high = window

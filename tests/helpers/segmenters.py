@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
-from worker.weights import ModelInfo
+from worker.model.weights import ModelInfo
 
 
 class HuBandSegmenter:

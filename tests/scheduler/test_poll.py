@@ -14,8 +14,8 @@ from tests.helpers.services import S3Bucket
 from worker import db
 from worker.core.errors import TransientError
 from worker.core.settings import Settings
+from worker.model.weights import ModelInfo
 from worker.tables import Run, RunState, Study
-from worker.weights import ModelInfo
 
 pytestmark = pytest.mark.integration
 

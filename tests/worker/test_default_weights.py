@@ -15,15 +15,15 @@ import numpy as np
 import pytest
 
 from worker.core.settings import Settings
-from worker.phantom import LesionSpec, PhantomSpec, generate_study
-from worker.pipeline import SegmentationOptions, segment_study
-from worker.weights import (
+from worker.model.weights import (
     default_model_path,
     expected_default_sha256,
     read_model_info,
     resolve_model_path,
     sha256_of,
 )
+from worker.phantom import LesionSpec, PhantomSpec, generate_study
+from worker.pipeline import SegmentationOptions, segment_study
 
 MAX_WEIGHTS_BYTES = 25 * 1024 * 1024
 DEFAULT_VERSION_PREFIX = "drunet-d8-s160-realistic"
@@ -31,7 +31,7 @@ DEFAULT_VERSION_PREFIX = "drunet-d8-s160-realistic"
 
 @pytest.fixture(scope="module")
 def default_segmenter():  # type: ignore[no-untyped-def]
-    from worker.model import load_segmenter
+    from worker.model.networks import load_segmenter
 
     return load_segmenter(None, batch_size=8)
 
@@ -49,8 +49,8 @@ def test_default_weights_are_intact_small_and_described() -> None:
 
 
 def test_a_tampered_default_fails_its_checksum(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from worker import weights
     from worker.core.errors import ModelFileError
+    from worker.model import weights
 
     copy = tmp_path / weights.DEFAULT_WEIGHTS_NAME
     data = bytearray(default_model_path().read_bytes())

@@ -64,7 +64,7 @@ def test_model_window_without_randomisation_is_the_inference_mapping() -> None:
         arc_fraction=0.0,
         streak_fraction=0.0,
     )
-    from worker.preprocess import window_to_unit
+    from worker.model.preprocess import window_to_unit
 
     for seed in range(6):
         image = randomize_appearance(

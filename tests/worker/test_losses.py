@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from worker import losses
+from worker.model import losses
 
 
 def _t(values: list[list[float]]) -> np.ndarray:

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from worker.core.errors import ModelFileError
-from worker.weights import METADATA_MEMBER, ModelInfo, read_model_info
+from worker.model.weights import METADATA_MEMBER, ModelInfo, read_model_info
 
 INFO = ModelInfo(
     name="DR-UNet",
@@ -27,7 +27,7 @@ INFO = ModelInfo(
 
 
 def test_drunet_has_the_papers_parameter_count_and_shape() -> None:
-    from worker.model import build_drunet
+    from worker.model.networks import build_drunet
 
     model = build_drunet(dims=32, input_size=256)
     assert model.count_params() == 10_978_305  # the authors' code, dims=32, 256x256x1
@@ -37,7 +37,7 @@ def test_drunet_has_the_papers_parameter_count_and_shape() -> None:
 
 
 def test_architectures_by_name() -> None:
-    from worker.model import build_model
+    from worker.model.networks import build_model
 
     unet = build_model("unet", dims=4, input_size=32)
     assert unet.name == "unet" and tuple(unet.output_shape) == (None, 32, 32, 1)
@@ -48,7 +48,7 @@ def test_architectures_by_name() -> None:
 
 
 def test_saved_file_carries_metadata_readable_without_the_model(tmp_path: Path) -> None:
-    from worker.model import build_drunet, save_model
+    from worker.model.networks import build_drunet, save_model
 
     path = save_model(build_drunet(dims=4, input_size=32), tmp_path / "m.keras", INFO)
     with zipfile.ZipFile(path) as archive:
@@ -60,7 +60,7 @@ def test_saved_file_carries_metadata_readable_without_the_model(tmp_path: Path) 
 
 
 def test_float16_storage_halves_the_weights_and_predicts_alike(tmp_path: Path) -> None:
-    from worker.model import build_drunet, load_segmenter, save_model
+    from worker.model.networks import build_drunet, load_segmenter, save_model
 
     model = build_drunet(dims=8, input_size=32)
     full = save_model(model, tmp_path / "f32.keras", INFO)
@@ -84,7 +84,7 @@ def test_float16_storage_halves_the_weights_and_predicts_alike(tmp_path: Path) -
 
 
 def test_load_refuses_a_file_that_is_not_an_ichvol_model(tmp_path: Path) -> None:
-    from worker.model import load_segmenter
+    from worker.model.networks import load_segmenter
 
     bad = tmp_path / "x.keras"
     bad.write_bytes(b"not a zip")
@@ -100,7 +100,7 @@ def test_load_refuses_a_file_that_is_not_an_ichvol_model(tmp_path: Path) -> None
 def test_metadata_that_lies_about_the_input_size_is_refused(tmp_path: Path) -> None:
     from dataclasses import replace
 
-    from worker.model import build_drunet, load_segmenter, save_model
+    from worker.model.networks import build_drunet, load_segmenter, save_model
 
     path = save_model(build_drunet(dims=4, input_size=32), tmp_path / "m.keras", replace(INFO, input_size=64))
     with pytest.raises(ModelFileError, match="does not match its metadata"):
@@ -109,7 +109,7 @@ def test_metadata_that_lies_about_the_input_size_is_refused(tmp_path: Path) -> N
 
 def test_lazy_segmenter_reads_metadata_without_tensorflow(tiny_model_path: Path) -> None:
     code = (
-        "import sys; from worker.model import LazySegmenter; "
+        "import sys; from worker.model.networks import LazySegmenter; "
         f"s = LazySegmenter({str(tiny_model_path)!r}); "
         "assert s.info.version == 'tiny-test-1'; "
         "assert 'tensorflow' not in sys.modules and 'keras' not in sys.modules; print('ok')"

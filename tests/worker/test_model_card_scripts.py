@@ -71,8 +71,8 @@ def test_evaluate_script_scores_every_kind_against_the_phantom_truth(tiny_model_
 def test_average_script_writes_the_half_and_half_model_from_a_bank(tiny_model_path: Path, tmp_path: Path) -> None:
     import numpy as np
 
-    from worker.model import load_keras_model
-    from worker.weights import read_model_info
+    from worker.model.networks import load_keras_model
+    from worker.model.weights import read_model_info
 
     info = read_model_info(tiny_model_path)
     bank = tmp_path / "bank.npz"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from worker import preprocess
+from worker.model import preprocess
 
 
 def test_window_maps_ends_to_minus_one_and_one_and_clips() -> None:

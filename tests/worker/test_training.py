@@ -18,8 +18,8 @@ import pytest
 from tests.helpers.labelled_data import write_phantom_studies
 from worker import cli, training
 from worker.core.errors import ConfigurationError
+from worker.model.weights import read_model_info
 from worker.training import SliceArrays, TrainConfig, make_dataset, split_by_patient, train
-from worker.weights import read_model_info
 
 
 def _discs(n: int = 16, size: int = 32, patients: int = 4, seed: int = 0) -> SliceArrays:
@@ -116,8 +116,8 @@ def test_an_interrupted_run_resumes_after_its_last_finished_epoch(
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_mixed_precision_saves_a_float32_model_and_restores_the_policy(tmp_path: Path) -> None:
-    from worker import framework
-    from worker.model import load_segmenter
+    from worker.model import framework
+    from worker.model.networks import load_segmenter
 
     data = _discs(n=8, patients=2)
     train_part, val_part = split_by_patient(data, val_fraction=0.5, seed=0)
@@ -142,7 +142,7 @@ def test_a_short_cpu_run_on_phantom_studies_beats_the_baseline(tmp_path: Path) -
     Dice were 0.93, 0.94 and 0.90 (final loss 0.24-0.27 of the first epoch's).
     """
     from worker import datasets
-    from worker.model import load_segmenter
+    from worker.model.networks import load_segmenter
 
     write_phantom_studies(tmp_path / "studies", 12, size=64, slices=12)
     dataset_dir, out, work = tmp_path / "dataset", tmp_path / "drunet.keras", tmp_path / "work"
@@ -259,7 +259,7 @@ def test_ichvol_train_takes_size_window_and_splits_from_prepared_data(tmp_path: 
 def test_precise_batchnorm_makes_inference_mode_match_the_batch_statistics() -> None:
     """Moving statistics far from the data (as after fast learning) make inference mode
     differ from training mode; recalibrating on the data itself closes the gap."""
-    from worker.model import build_drunet
+    from worker.model.networks import build_drunet
 
     model = build_drunet(dims=4, input_size=32, levels=3)
     rng = np.random.default_rng(0)
@@ -295,7 +295,7 @@ def test_precise_batchnorm_makes_inference_mode_match_the_batch_statistics() -> 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_fine_tuning_starts_from_the_given_weights_and_keeps_them_unless_beaten(tmp_path: Path) -> None:
-    from worker.model import load_keras_model
+    from worker.model.networks import load_keras_model
 
     data = _discs()
     train_part, val_part = split_by_patient(data, val_fraction=0.25, seed=0)
@@ -343,11 +343,11 @@ def test_the_cosine_schedule_falls_from_the_learning_rate_to_one_percent(tmp_pat
 
 
 def test_average_weights_mixes_two_models_and_recomputes_batchnorm(tmp_path: Path) -> None:
-    from worker.model import build_model, load_keras_model, save_model
-    from worker.weights import ModelInfo
+    from worker.model.networks import build_model, load_keras_model, save_model
+    from worker.model.weights import ModelInfo
 
     def saved(name: str, seed: int, dims: int = 4) -> Path:
-        from worker import framework
+        from worker.model import framework
 
         framework.keras().utils.set_random_seed(seed)
         model = build_model("drunet", dims=dims, input_size=32)

@@ -25,7 +25,7 @@ import numpy.typing as npt
 from worker.core.errors import ModelFileError
 
 METADATA_MEMBER = "ichvol.json"
-DEFAULT_WEIGHTS_DIR = Path(__file__).parent / "weights"
+DEFAULT_WEIGHTS_DIR = Path(__file__).parents[1] / "weights"
 DEFAULT_WEIGHTS_NAME = "drunet_default.keras"
 
 

@@ -17,9 +17,9 @@ widens the last main convolution and the side branch back to ``C``. With ``dims=
 256x256x1 the model has 10,978,305 parameters, as the authors' code.
 
 Tensors are NHWC float32; inputs are CT slices windowed to [-1, 1] (see
-:mod:`worker.preprocess`), outputs hematoma probabilities in [0, 1].
+:mod:`worker.model.preprocess`), outputs hematoma probabilities in [0, 1].
 
-This module reaches TensorFlow/Keras only through :mod:`worker.framework`.
+This module reaches TensorFlow/Keras only through :mod:`worker.model.framework`.
 """
 
 from __future__ import annotations
@@ -34,9 +34,9 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from worker import framework
 from worker.core.errors import ConfigurationError, ModelFileError
-from worker.weights import ModelInfo, Segmenter, read_model_info, resolve_model_path, sha256_of, write_model_info
+from worker.model import framework
+from worker.model.weights import ModelInfo, Segmenter, read_model_info, resolve_model_path, sha256_of, write_model_info
 
 log = logging.getLogger(__name__)
 
@@ -187,7 +187,7 @@ def load_keras_model(path: Path) -> Any:
 
 
 class KerasSegmenter:
-    """A loaded model behind the :class:`worker.weights.Segmenter` protocol (the float32 reference).
+    """A loaded model behind the :class:`worker.model.weights.Segmenter` protocol (the float32 reference).
 
     Inference runs through one compiled function at a fixed batch shape (the last
     batch is padded): calling the model eagerly on large batches costs many GB.
@@ -263,7 +263,7 @@ class LazySegmenter:
 
 
 def _checked_engine(engine: str) -> str:
-    from worker.fast_inference import resolve_engine
+    from worker.model.fold import resolve_engine
 
     try:
         resolve_engine(engine)
@@ -282,14 +282,14 @@ def load_segmenter(
 ) -> Segmenter:
     """Resolve (``None``: shipped default, checksum verified), read metadata, build the segmenter.
 
-    ``engine`` (``ICHVOL_INFERENCE_ENGINE``, see :data:`worker.fast_inference.ENGINES`):
+    ``engine`` (``ICHVOL_INFERENCE_ENGINE``, see :data:`worker.model.fold.ENGINES`):
     ``keras`` returns the float32 reference :class:`KerasSegmenter`; the others fold the
-    model (:mod:`worker.fast_inference`). A model the folding cannot read (a layer it does
+    model (:mod:`worker.model.fold`). A model the folding cannot read (a layer it does
     not know) falls back to ``keras`` with a warning. ``threads`` sets ONNX Runtime's
-    intra-op threads (0: all cores; TensorFlow's come from :func:`worker.framework.set_threads`).
+    intra-op threads (0: all cores; TensorFlow's come from :func:`worker.model.framework.set_threads`).
     ``warm_up`` runs one batch of zeros, so tracing and kernel set-up count as loading.
     """
-    from worker.fast_inference import UnsupportedModelError, fast_segmenter, resolve_engine
+    from worker.model.fold import UnsupportedModelError, fast_segmenter, resolve_engine
 
     try:
         gpu = engine.strip().lower() == "auto" and framework.device_description() != "CPU"

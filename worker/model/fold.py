@@ -22,7 +22,7 @@ per fused step). Two runners execute it:
   built with the ``onnx`` helpers, no tf2onnx) and run by ONNX Runtime: a quarter of
   TensorFlow's memory, about TensorFlow's float32 speed.
 
-``ICHVOL_INFERENCE_ENGINE`` (:data:`ENGINES`) chooses; :func:`worker.model.load_segmenter`
+``ICHVOL_INFERENCE_ENGINE`` (:data:`ENGINES`) chooses; :func:`worker.model.networks.load_segmenter`
 honours it. Every engine other than ``keras`` must give the reference's masks: the bar
 (Dice at least 0.99 and volumes within 1 % on phantom studies) is tested in
 ``tests/worker/test_fast_inference.py``.
@@ -33,7 +33,7 @@ inputs windowed to [-1, 1], outputs probabilities in [0, 1]); the ONNX graph is 
 stored in the Keras layout ``(kh, kw, c_in, c_out)`` (transposed convolutions too,
 normalised on reading) and converted where written.
 
-TensorFlow is reached only through :mod:`worker.framework`; ONNX Runtime is imported
+TensorFlow is reached only through :mod:`worker.model.framework`; ONNX Runtime is imported
 lazily when a session is built. A Keras model object is only read through its public
 attributes.
 """
@@ -48,7 +48,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from worker.weights import ModelInfo
+from worker.model.weights import ModelInfo
 
 log = logging.getLogger(__name__)
 
@@ -506,7 +506,7 @@ def session_options(*, threads: int, spinning: bool = False) -> Any:
 
 
 class OnnxSegmenter:
-    """A folded model in ONNX Runtime behind the :class:`worker.weights.Segmenter` protocol.
+    """A folded model in ONNX Runtime behind the :class:`worker.model.weights.Segmenter` protocol.
 
     ``predict`` takes ``(n, S, S)`` float32 in [-1, 1] and returns ``(n, S, S)`` float32
     probabilities, running batches of ``batch_size`` slices (the last one smaller).
@@ -550,7 +550,7 @@ class OnnxSegmenter:
 
 
 def _tf() -> Any:
-    from worker import framework
+    from worker.model import framework
 
     return framework.tf()
 
@@ -737,7 +737,7 @@ def resolve_engine(
 
 
 def fast_segmenter(model: Any, info: ModelInfo, *, engine: str, batch_size: int = 8, threads: int = 0) -> Any:
-    """A :class:`worker.weights.Segmenter` running ``model`` (a loaded Keras model) on ``engine``.
+    """A :class:`worker.model.weights.Segmenter` running ``model`` (a loaded Keras model) on ``engine``.
 
     ``engine`` is a concrete engine other than ``keras`` (see :func:`resolve_engine`).
     Raises :class:`UnsupportedModelError` when the model cannot be folded.

@@ -8,14 +8,14 @@ then averaged over the batch; an image with an empty target still gets a gradien
 pushes its predicted mass towards zero.
 
 Tensors are ``(batch, H, W, 1)`` with targets in {0, 1} and predictions in (0, 1).
-Keras is reached through :mod:`worker.framework` (the ops are backend-agnostic).
+Keras is reached through :mod:`worker.model.framework` (the ops are backend-agnostic).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from worker import framework
+from worker.model import framework
 
 DICE_SMOOTH = 1.0
 BCE_EPSILON = 1e-7
