@@ -22,8 +22,8 @@ the cause is fixed ``ichvol redeliver`` resends.
 
 What is sent, in order (each optional, ``ICHVOL_PACS_SEND_*``): the SEG (``seg.dcm``
 from the results store, unchanged), the TID 1500 SR built from the ``results`` row
-(:func:`worker.sr.build_volume_sr`), the overlay as a Secondary Capture
-(:func:`worker.sr.build_overlay_sc`). The SR and overlay UIDs derive from the SEG's, so a
+(:func:`worker.outputs.sr.build_volume_sr`), the overlay as a Secondary Capture
+(:func:`worker.outputs.sr.build_overlay_sc`). The SR and overlay UIDs derive from the SEG's, so a
 resend replaces rather than duplicates them. Sending the same instance twice is
 harmless: PACSs store an instance once per SOP Instance UID.
 
@@ -56,7 +56,7 @@ from worker.core.settings import Settings
 from worker.tables import Delivery, DeliveryState, Result, Run
 
 if TYPE_CHECKING:
-    from worker.sr import VolumeReport
+    from worker.outputs.sr import VolumeReport
 
 log = logging.getLogger(__name__)
 
@@ -455,7 +455,7 @@ def _download(deps: DeliveryDeps, uri: str | None, dest: Path, what: str) -> Pat
 
 def report_of(result: Result, run: Run) -> VolumeReport:
     """The SR's numbers from a results row and its run."""
-    from worker.sr import VolumeReport
+    from worker.outputs.sr import VolumeReport
 
     return VolumeReport(
         volume_ml=float(result.volume_ml),
@@ -477,7 +477,7 @@ def build_objects(*, result: Result, run: Run, deps: DeliveryDeps, work_dir: Pat
     Raises :class:`DeliveryError` (permanent) for a missing or unreadable artefact and
     :class:`TransientError` for storage trouble that may pass.
     """
-    from worker import sr
+    from worker.outputs import sr
 
     settings = deps.settings
     seg_path = _download(deps, result.seg_uri, work_dir / "seg.dcm", "DICOM SEG (seg.dcm)")

@@ -253,7 +253,7 @@ def write_case_overlay(
     that slice (non-zero = hematoma). Brain window (level 40, width 80 HU). The title, a
     colour legend and the disclaimer are written above the image.
     """
-    from worker.overlay import brain_window_uint8
+    from worker.outputs.overlay import brain_window_uint8
 
     rows, columns = hu.shape
     scale = tile_px / max(rows, columns)

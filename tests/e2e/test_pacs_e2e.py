@@ -28,9 +28,9 @@ from tests.helpers.services import S3Bucket
 from tests.helpers.worker_process import CeleryWorker, run_scheduler_once
 from worker import db
 from worker.core.settings import Settings
+from worker.outputs.sr import read_volume_report
 from worker.pacs_source import DicomwebClient
 from worker.phantom import LesionSpec, PhantomSpec, generate_study
-from worker.sr import read_volume_report
 from worker.tables import Delivery, DeliveryState, Result, Run, RunState, Study
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration, pytest.mark.slow]

@@ -44,8 +44,8 @@ from worker.delivery import (
     senders_from_settings,
     store_key,
 )
+from worker.outputs.sr import build_overlay_sc, build_volume_sr, read_png_rgb, read_volume_report
 from worker.runtime import WorkerDeps
-from worker.sr import build_overlay_sc, build_volume_sr, read_png_rgb, read_volume_report
 from worker.storage import LocalStore
 from worker.tables import Delivery, DeliveryState, Result
 
@@ -124,7 +124,7 @@ def measured(tmp_path_factory: pytest.TempPathFactory) -> MeasuredStudy:
 
 
 def objects_of(measured: MeasuredStudy) -> list[DicomObject]:
-    from worker.sr import VolumeReport
+    from worker.outputs.sr import VolumeReport
 
     seg = pydicom.dcmread(measured.seg_path)
     report = VolumeReport(

@@ -9,13 +9,13 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from worker import outputs
 from worker.core.ct import CtSeries
 from worker.core.errors import ErrorCode, StudyError
 from worker.imaging import geometry
 from worker.imaging.dicom_load import load_study, read_source_headers
 from worker.imaging.ground_truth import find_truth_source, load_truth_mask
 from worker.imaging.series_selection import SelectionRules
+from worker.outputs import mask_files as outputs
 from worker.phantom import LesionSpec, PhantomSpec, PhantomTruth, generate_study
 
 SPEC = PhantomSpec(

@@ -14,7 +14,7 @@ from pydicom.sr.codedict import codes
 from tests.helpers.series_builders import AXIAL, TILTED, ct_series_from_files, write_dicom_series
 from worker.core.ct import CtSeries
 from worker.core.errors import ErrorCode, StudyError
-from worker.outputs import SEG_SERIES_DESCRIPTION, write_mask_nifti, write_mask_npz, write_seg
+from worker.outputs.mask_files import SEG_SERIES_DESCRIPTION, write_mask_nifti, write_mask_npz, write_seg
 
 # --- mask.npz ---------------------------------------------------------------------------
 

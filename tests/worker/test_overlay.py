@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from worker.core.ct import DISCLAIMER
-from worker.overlay import (
+from worker.outputs.overlay import (
     CONTOUR_BGR,
     EMPTY_TILES,
     TILE_COLUMNS,

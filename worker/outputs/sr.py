@@ -49,7 +49,7 @@ duplicates it in the PACS.
 
 The overlay (:func:`build_overlay_sc`)
 --------------------------------------
-``overlay.png`` (the contact sheet of :mod:`worker.overlay`) as one RGB Secondary Capture
+``overlay.png`` (the contact sheet of :mod:`worker.outputs.overlay`) as one RGB Secondary Capture
 image (8 bits per channel, ``(rows, columns, 3)``), burned-in annotation YES (the picture
 holds the volumes and the disclaimer), for viewers that cannot show a SEG.
 """
