@@ -99,7 +99,7 @@ def seed_path(hu: np.ndarray, model: Any, *, window: tuple[float, float], size: 
 
 def our_path(series: Any, segmenter: Any, out_png: Path) -> float:
     """Our path on the same slices: preprocess, inference, post-processing, volume, overlay picture."""
-    from worker import postprocess, volume
+    from worker.measure import postprocess, volume
     from worker.model import preprocess
     from worker.outputs import overlay
 

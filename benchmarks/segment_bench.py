@@ -6,7 +6,7 @@
   and the process's wall time (Python and TensorFlow start-up included).
 * ``python -m benchmarks.segment_bench --model M --engine E --study S --rounds R --json OUT``
   loads the segmenter once, as a worker process does, then measures the same study
-  ``R`` times with :func:`worker.pipeline.segment_study` (medians per stage) and reports
+  ``R`` times with :func:`worker.measure.pipeline.segment_study` (medians per stage) and reports
   the process's peak resident memory: the worker-memory figure of the targets.
 """
 
@@ -66,9 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, required=True)
     args = parser.parse_args(argv)
 
+    from worker.measure.pipeline import segment_study
     from worker.model import framework
     from worker.model.networks import load_segmenter
-    from worker.pipeline import segment_study
 
     framework.set_threads(args.threads)
     started = time.perf_counter()

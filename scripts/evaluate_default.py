@@ -4,7 +4,7 @@
 Research use only, not for clinical use.
 
 What a user would run, end to end: each phantom is written as a DICOM study, measured
-with :func:`worker.pipeline.segment_study` and the shipped post-processing (threshold 0.5,
+with :func:`worker.measure.pipeline.segment_study` and the shipped post-processing (threshold 0.5,
 intracranial restriction, components under 0.05 mL dropped), and compared with its truth:
 
 * Dice of the 3-D mask against the truth mask (voxel centres inside the lesion);
@@ -61,9 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=None, help="write every result here")
     args = parser.parse_args(argv)
 
+    from worker.measure.pipeline import SegmentationOptions, segment_study
     from worker.model.networks import load_segmenter
     from worker.phantom import LesionSpec, PhantomSpec, generate_study
-    from worker.pipeline import SegmentationOptions, segment_study
 
     segmenter = load_segmenter(args.model)
     options = SegmentationOptions()

@@ -3,7 +3,7 @@
 Both work on a study's HU volume on its native grid, as :mod:`worker.core.ct` defines it:
 ``hu`` float HU ``(slices, rows, columns)`` in sorted order, ``pixel_spacing_mm``
 ``(between rows, between columns)`` mm. Both return a uint8 0/1 mask of the same shape and
-never mark a pixel outside the skull-enclosed space (:func:`worker.postprocess.intracranial_mask`,
+never mark a pixel outside the skull-enclosed space (:func:`worker.measure.postprocess.intracranial_mask`,
 computed here unless the caller passes it), so they are judged on the same ground as the
 deployed pipeline. Neither is trained; each has a handful of documented constants.
 
@@ -54,7 +54,7 @@ import numpy.typing as npt
 from scipy import ndimage
 
 from worker.core.ct import MaskArray
-from worker.postprocess import intracranial_mask
+from worker.measure.postprocess import intracranial_mask
 
 __all__ = [
     "FcmResult",

@@ -68,7 +68,7 @@ def _add_segment(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
 
 
 def _segment(args: argparse.Namespace, settings: Settings) -> int:
-    from worker.pipeline import SegmentationOptions, segment_study
+    from worker.measure.pipeline import SegmentationOptions, segment_study
 
     segmenter = _load_segmenter(settings)
     outcome = segment_study(

@@ -40,9 +40,9 @@ def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
 def run_evaluate_command(args: argparse.Namespace, settings: Settings) -> int:
     from worker import metrics
     from worker.evaluation import DEFAULT_METHODS, evaluate
+    from worker.measure.pipeline import SegmentationOptions
     from worker.model import framework
     from worker.model.networks import LazySegmenter
-    from worker.pipeline import SegmentationOptions
 
     framework.set_threads(settings.inference_threads)
     if args.methods is None:

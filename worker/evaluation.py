@@ -57,11 +57,12 @@ import numpy as np
 import numpy.typing as npt
 
 import worker
-from worker import baselines, metrics, postprocess, report, volume
+from worker import baselines, metrics, report
 from worker.core.ct import DISCLAIMER, CtSeries
 from worker.core.errors import ConfigurationError, ErrorCode, StudyError
+from worker.measure import postprocess, volume
+from worker.measure.pipeline import SegmentationOptions, segment_study
 from worker.model.weights import Segmenter
-from worker.pipeline import SegmentationOptions, segment_study
 
 log = logging.getLogger(__name__)
 

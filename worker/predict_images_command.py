@@ -1,4 +1,4 @@
-"""``ichvol predict-images``: the command-line front of :mod:`worker.predict_images` (light to import)."""
+"""``ichvol predict-images``: the command-line front of :mod:`worker.measure.predict_images` (light to import)."""
 
 from __future__ import annotations
 
@@ -35,9 +35,9 @@ def run_predict_images_command(args: argparse.Namespace, settings: Settings) -> 
     import sys
 
     from worker.core.errors import ConfigurationError
+    from worker.measure.predict_images import predict_images
     from worker.model import framework
     from worker.model.networks import LazySegmenter
-    from worker.predict_images import predict_images
 
     if args.slice_thickness is not None and args.pixel_spacing is None:
         raise ConfigurationError("--slice-thickness needs --pixel-spacing (a volume needs both)")

@@ -42,7 +42,7 @@ from worker import db, read_ahead
 from worker.core.ct import CtSeries, StudyInfo
 from worker.core.errors import ErrorCode, ModelFileError, StudyError, TransientError
 from worker.core.logs import log_context
-from worker.pipeline import ARTEFACT_NAMES, SegmentationOptions, StudyOutcome, segment_study
+from worker.measure.pipeline import ARTEFACT_NAMES, SegmentationOptions, StudyOutcome, segment_study
 from worker.runtime import WorkerDeps
 from worker.tables import Result, Run, RunState, Study
 

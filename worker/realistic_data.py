@@ -50,8 +50,8 @@ import numpy.typing as npt
 
 from worker.domain_randomization import random_view, randomize_appearance
 from worker.lesion_insertion import insert_lesions
+from worker.measure.postprocess import intracranial_mask
 from worker.model import preprocess
-from worker.postprocess import intracranial_mask
 from worker.training import SliceArrays, finish_dataset
 
 log = logging.getLogger(__name__)

@@ -1,6 +1,6 @@
 """Real results to deliver: a small CT study measured by the production code path.
 
-:func:`measured_study` runs :func:`worker.pipeline.segment_study` on a synthetic CT series
+:func:`measured_study` runs :func:`worker.measure.pipeline.segment_study` on a synthetic CT series
 (6 slices of 32 x 32, 0.5 mm pixels, 5 mm apart; a 2-slice block of 70 HU "blood") with
 the deterministic :class:`HuBandSegmenter`: its ``seg.dcm`` and ``overlay.png`` are what
 the worker writes. :func:`processed_run` goes further: local-folder export and results
@@ -23,7 +23,7 @@ from tests.helpers.segmenters import HuBandSegmenter
 from worker import db
 from worker.core.settings import Settings
 from worker.delivery import DeliveryDeps
-from worker.pipeline import SegmentationOptions, StudyOutcome, segment_study
+from worker.measure.pipeline import SegmentationOptions, StudyOutcome, segment_study
 from worker.processing import process_run
 from worker.runtime import WorkerDeps
 from worker.storage import LocalStore

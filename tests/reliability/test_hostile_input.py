@@ -25,7 +25,7 @@ from tests.helpers.segmenters import HuBandSegmenter
 from tests.reliability.conftest import MakeEnv
 from worker import db
 from worker.core.settings import Settings
-from worker.pipeline import segment_study
+from worker.measure.pipeline import segment_study
 from worker.processing import process_run
 from worker.runtime import WorkerDeps
 from worker.tables import Run, RunState, Study

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from worker.core.settings import Settings
+from worker.measure.pipeline import SegmentationOptions, segment_study
 from worker.model.weights import (
     default_model_path,
     expected_default_sha256,
@@ -23,7 +24,6 @@ from worker.model.weights import (
     sha256_of,
 )
 from worker.phantom import LesionSpec, PhantomSpec, generate_study
-from worker.pipeline import SegmentationOptions, segment_study
 
 MAX_WEIGHTS_BYTES = 25 * 1024 * 1024
 DEFAULT_VERSION_PREFIX = "drunet-d8-s160-realistic"

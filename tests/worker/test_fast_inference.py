@@ -220,7 +220,7 @@ def phantom_studies(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
 
 
 def _masks(studies: list[Path], segmenter: object, out: Path) -> list[tuple[np.ndarray, float]]:
-    from worker.pipeline import segment_study
+    from worker.measure.pipeline import segment_study
 
     results = []
     for study in studies:

@@ -10,7 +10,7 @@ import pytest
 
 from tests.helpers.series_builders import ring_skull_slice
 from worker.core.errors import ErrorCode, StudyError
-from worker.postprocess import binarize, intracranial_mask, postprocess, remove_small_components
+from worker.measure.postprocess import binarize, intracranial_mask, postprocess, remove_small_components
 
 
 def test_binarize_is_strictly_above_threshold_and_nan_is_background() -> None:
@@ -169,7 +169,7 @@ def test_real_head_ct_mid_slices_cover_the_brain_and_exclude_the_skull(real_ge_c
 
 
 def test_keep_intracranial_equals_the_full_rule_and_skips_empty_slices(monkeypatch: pytest.MonkeyPatch) -> None:
-    import worker.postprocess as pp
+    import worker.measure.postprocess as pp
 
     hu = np.stack([ring_skull_slice(), ring_skull_slice(), ring_skull_slice(gap_px=30)])
     mask = np.zeros(hu.shape, dtype=np.uint8)

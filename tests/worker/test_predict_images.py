@@ -13,7 +13,7 @@ import pytest
 from tests.helpers.segmenters import HuBandSegmenter
 from worker import cli
 from worker.core.errors import ConfigurationError
-from worker.predict_images import predict_images
+from worker.measure.predict_images import predict_images
 
 
 def _bright_band() -> HuBandSegmenter:

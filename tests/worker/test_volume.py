@@ -9,7 +9,7 @@ import pytest
 
 from tests.helpers.series_builders import make_ct_series
 from worker.core.errors import ErrorCode, StudyError
-from worker.volume import Abc2, abc2, planimetric_volume_ml, slice_areas_mm2
+from worker.measure.volume import Abc2, abc2, planimetric_volume_ml, slice_areas_mm2
 
 
 def disc(rows: int, columns: int, *, radius_mm: float, spacing: tuple[float, float]) -> np.ndarray:

@@ -30,13 +30,14 @@ from typing import Any
 
 import numpy as np
 
-from worker import __version__, postprocess, volume
+from worker import __version__
 from worker.core.ct import DISCLAIMER, CtSeries, SeriesSelection
 from worker.core.errors import ErrorCode, StudyError
 from worker.core.settings import Settings
 from worker.imaging import geometry
 from worker.imaging.dicom_load import load_study, read_source_headers
 from worker.imaging.series_selection import SelectionRules
+from worker.measure import postprocess, volume
 from worker.model import preprocess
 from worker.model.weights import Segmenter
 from worker.outputs import mask_files as outputs
