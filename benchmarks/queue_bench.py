@@ -7,7 +7,7 @@ Run by :mod:`benchmarks.run` in a subprocess::
 Starts its own SeaweedFS S3 server (free loopback ports), a fresh PostgreSQL database
 (migrated to head) on the local server and a free Redis database number, then:
 
-1. **in process**: each study is uploaded, registered by :func:`scheduler.poll.poll_once`
+1. **in process**: each study is uploaded, registered by :func:`worker.infra.intake.poll_once`
    (sending nothing), and processed by :func:`worker.processing.process_run` with its
    steps timed: claim, download, segment (``read`` ... ``write``), upload, finish. This is
    what the queue adds beyond ``ichvol segment``, stage by stage.
@@ -79,7 +79,7 @@ def s3_server(base: Path) -> Iterator[Any]:
 def postgres_database() -> Iterator[str]:
     """A fresh database on the local PostgreSQL, migrated to head; dropped at the end."""
     from tests.helpers import services
-    from worker import db
+    from worker.infra import db
 
     name = services.unique_name("bench")
     services._pg_execute(f'CREATE DATABASE "{name}"')
@@ -169,7 +169,7 @@ class StageTimer:
 
 
 def _register(settings: Any, deps: Any) -> list[int]:
-    from scheduler.poll import poll_once
+    from worker.infra.intake import poll_once
 
     poll_once(
         store=deps.export_store,
@@ -180,7 +180,7 @@ def _register(settings: Any, deps: Any) -> list[int]:
     )
     from sqlalchemy import select
 
-    from worker.tables import Run, RunState
+    from worker.infra.tables import Run, RunState
 
     with deps.sessions() as session:
         return [int(i) for i in session.scalars(select(Run.id).where(Run.state == RunState.QUEUED).order_by(Run.id))]
@@ -228,7 +228,7 @@ def in_process(settings: Any, *, study: Path, client: Any, rounds: int, studies:
 def _result_timings(deps: Any, run_id: int) -> dict[str, float]:
     from sqlalchemy import select
 
-    from worker.tables import Result
+    from worker.infra.tables import Result
 
     with deps.sessions() as session:
         result = session.scalars(select(Result).where(Result.run_id == run_id)).one()
@@ -252,8 +252,8 @@ def real_worker(settings: Any, *, study: Path, client: Any, studies: int, log_pa
     from sqlalchemy import select
 
     from tests.helpers.worker_process import CeleryWorker, run_scheduler_once
-    from worker import db
-    from worker.tables import Result, Run, RunState, Study
+    from worker.infra import db
+    from worker.infra.tables import Result, Run, RunState, Study
 
     worker = CeleryWorker(settings, log_path, concurrency=1)
     worker.start(timeout_s=300)
@@ -333,8 +333,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from worker.core.settings import Settings
+    from worker.infra.storage import make_s3_client
     from worker.model import framework
-    from worker.storage import make_s3_client
 
     framework.set_threads(args.threads)
     result: dict[str, Any] = {"engine": args.engine}

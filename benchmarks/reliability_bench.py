@@ -52,10 +52,10 @@ from tests.helpers.faults import (  # noqa: E402
     run_states,
     wait_for,
 )
-from worker import db  # noqa: E402
 from worker.core.errors import TransientError  # noqa: E402
 from worker.core.settings import Settings  # noqa: E402
-from worker.storage import S3Store, make_s3_client  # noqa: E402
+from worker.infra import db  # noqa: E402
+from worker.infra.storage import S3Store, make_s3_client  # noqa: E402
 
 SCENARIOS = (
     "baseline",
@@ -110,7 +110,7 @@ def _at_fractions(env: BatchEnv, n: int, kills: int, action: Callable[[int], Non
 def _running_run(env: BatchEnv) -> bool:
     from sqlalchemy import func, select
 
-    from worker.tables import Run, RunState
+    from worker.infra.tables import Run, RunState
 
     with db.transaction(env.sessions) as s:
         return bool(s.scalar(select(func.count()).select_from(Run).where(Run.state == RunState.RUNNING)))

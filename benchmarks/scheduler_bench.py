@@ -32,11 +32,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sqlalchemy import event
 
-from scheduler.poll import poll_once
-from worker import db
 from worker.core.settings import Settings
+from worker.infra import db
+from worker.infra.intake import poll_once
+from worker.infra.storage import LocalStore
 from worker.model.weights import ModelInfo
-from worker.storage import LocalStore
 
 MODEL = ModelInfo(
     name="DR-UNet",

@@ -37,7 +37,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from worker import db
+from worker.infra import db
 from worker.trends import Definition, expansions_statement
 
 SECOND_VERSION_EVERY = 19  # every 19th study also has a 2.0.0 result (~5 %)

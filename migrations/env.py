@@ -1,6 +1,6 @@
 """Alembic environment: where the URL comes from, timeouts, SQLite batch mode.
 
-The URL, first found wins: ``config.attributes["url"]`` (``worker.db.upgrade_to_head``,
+The URL, first found wins: ``config.attributes["url"]`` (``worker.infra.db.upgrade_to_head``,
 tests), ``-x url=...`` (command line), ``ICHVOL_DATABASE_URL`` via
 ``worker.core.settings.Settings``. A caller may also hand over an open connection in
 ``config.attributes["connection"]``.
@@ -22,8 +22,8 @@ from logging.config import fileConfig
 from alembic import context
 from sqlalchemy.engine import Connection
 
-from worker.db import make_engine
-from worker.tables import Base
+from worker.infra.db import make_engine
+from worker.infra.tables import Base
 
 config = context.config
 if config.config_file_name is not None and config.attributes.get("configure_logger", True):

@@ -27,8 +27,8 @@ def add_scheduler_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_scheduler(settings: Settings, *, once: bool = False, stop: threading.Event | None = None) -> int:
     from scheduler.enqueue import celery_sender
-    from scheduler.poll import poll_once
-    from worker import db, storage
+    from worker.infra import db, storage
+    from worker.infra.intake import poll_once
     from worker.runtime import model_reference
 
     stop = stop or threading.Event()
@@ -61,8 +61,8 @@ def run_scheduler(settings: Settings, *, once: bool = False, stop: threading.Eve
 
 
 def _require_migrated(settings: Settings) -> None:
-    from worker import db
     from worker.core.errors import ConfigurationError
+    from worker.infra import db
 
     if db.current_revision(settings.database_url) is None:
         raise ConfigurationError("the database has no schema yet: run `alembic upgrade head` first")
@@ -70,7 +70,7 @@ def _require_migrated(settings: Settings) -> None:
 
 def _sync_trend_config(sessions: Any, settings: Settings) -> None:
     """Copy ICHVOL_PINNED_MODEL_VERSION into the row the trend views read (views cannot read settings)."""
-    from worker import db
+    from worker.infra import db
     from worker.trends import sync_trend_config
 
     try:

@@ -82,7 +82,7 @@ def _to_folder(kinds: list, out_dir: Path) -> int:  # type: ignore[type-arg]
 
 def _to_bucket(kinds: list, bucket_uri: str, prefix: str) -> int:  # type: ignore[type-arg]
     from worker.core.settings import Settings
-    from worker.storage import make_s3_client
+    from worker.infra.storage import make_s3_client
 
     if not bucket_uri.startswith("s3://") or "/" in bucket_uri[5:].strip("/"):
         print("make_hostile_corpus: --bucket must be s3://bucket", file=sys.stderr)

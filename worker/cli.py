@@ -215,7 +215,7 @@ def _add_check(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
 
 
 def _check(args: argparse.Namespace, settings: Settings) -> int:
-    from worker.health import run_checks
+    from worker.infra.health import run_checks
 
     wanted = [name for name in ("db", "broker", "s3") if getattr(args, name)] or ["db", "broker", "s3"]
     results = run_checks(settings, wanted)

@@ -50,10 +50,10 @@ from urllib.parse import unquote, urlsplit
 import pydicom
 from sqlalchemy import select, update
 
-from worker import db
 from worker.core.errors import ConfigurationError, IchvolError, TransientError
 from worker.core.settings import Settings
-from worker.tables import Delivery, DeliveryState, Result, Run
+from worker.infra import db
+from worker.infra.tables import Delivery, DeliveryState, Result, Run
 
 if TYPE_CHECKING:
     from worker.outputs.sr import VolumeReport
@@ -405,11 +405,11 @@ class DeliveryDeps:
 
     settings: Settings
     sessions: Any  # sqlalchemy.orm.sessionmaker
-    results_store: Any  # worker.storage.ObjectStore
+    results_store: Any  # worker.infra.storage.ObjectStore
 
     @classmethod
     def from_settings(cls, settings: Settings) -> DeliveryDeps:
-        from worker import storage
+        from worker.infra import storage
 
         return cls(
             settings=settings,
@@ -442,7 +442,7 @@ def store_key(store: Any, uri: str) -> str:
 
 
 def _download(deps: DeliveryDeps, uri: str | None, dest: Path, what: str) -> Path:
-    from worker.storage import StorageError
+    from worker.infra.storage import StorageError
 
     if not uri:
         raise DeliveryError(f"the result has no {what}", transient=False)

@@ -359,7 +359,7 @@ def pacs_poll_once(
 
 def run_pacs_poll(settings: Settings, *, once: bool = False, stop: threading.Event | None = None) -> int:
     """``ichvol pacs-poll``: the bridge, once or every ``ICHVOL_POLL_INTERVAL_S``."""
-    from worker import storage
+    from worker.infra import storage
 
     if not settings.pacs_source_url:
         raise ConfigurationError("ICHVOL_PACS_SOURCE_URL is empty: no PACS to poll")

@@ -38,13 +38,14 @@ from typing import Any
 from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy import update
 
-from worker import db, read_ahead
+from worker import read_ahead
 from worker.core.ct import CtSeries, StudyInfo
 from worker.core.errors import ErrorCode, ModelFileError, StudyError, TransientError
 from worker.core.logs import log_context
+from worker.infra import db
+from worker.infra.tables import Result, Run, RunState, Study
 from worker.measure.pipeline import ARTEFACT_NAMES, SegmentationOptions, StudyOutcome, segment_study
 from worker.runtime import WorkerDeps
-from worker.tables import Result, Run, RunState, Study
 
 log = logging.getLogger(__name__)
 
@@ -356,7 +357,7 @@ def _study_datetime(info: StudyInfo) -> datetime | None:
 
 def _download_study(deps: WorkerDeps, claim: _Claim, dest: Path) -> None:
     """Download every object of the study version into ``dest``; fail if it changed."""
-    from scheduler.listing import fingerprint_of, study_objects
+    from worker.infra.listing import fingerprint_of, study_objects
 
     objects = study_objects(deps.export_store.iter_objects(claim.prefix), marker_name=deps.settings.marker_name)
     if fingerprint_of(objects) != claim.fingerprint:

@@ -39,7 +39,7 @@ from typing import Any
 from sqlalchemy import or_, select
 
 from worker.core.ct import CtSeries
-from worker.tables import Run, RunState, Study
+from worker.infra.tables import Run, RunState, Study
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ def next_queued_run(deps: Any, *, exclude_run_id: int) -> NextRun | None:
 
 
 def _listing_fingerprint(deps: Any, prefix: str) -> tuple[str, list[str]]:
-    from scheduler.listing import fingerprint_of, study_objects
+    from worker.infra.listing import fingerprint_of, study_objects
 
     objects = study_objects(deps.export_store.iter_objects(prefix), marker_name=deps.settings.marker_name)
     return fingerprint_of(objects), [o.key for o in objects]

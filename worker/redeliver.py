@@ -42,7 +42,7 @@ def runs_without_deliveries(
     sessions: Any, *, targets: list[str], run_id: int | None = None, since: datetime | None = None
 ) -> list[int]:
     """Runs with a result but no delivery row for one of ``targets``."""
-    from worker.tables import Delivery, Result
+    from worker.infra.tables import Delivery, Result
 
     with sessions() as session:
         query = select(Result.run_id, Result.created_at)

@@ -34,7 +34,7 @@ class WorkerDeps:
 
     settings: Settings
     sessions: Any  # sqlalchemy.orm.sessionmaker
-    export_store: Any  # worker.storage.ObjectStore
+    export_store: Any  # worker.infra.storage.ObjectStore
     results_store: Any
     model_info: ModelInfo
     segmenter_factory: Callable[[], Segmenter]
@@ -76,7 +76,7 @@ def build_deps(
     ``segmenter_factory`` and ``model_info`` replace the configured weights file (the demo
     and tests inject their own segmenter).
     """
-    from worker import db, storage
+    from worker.infra import db, storage
 
     engine = db.make_engine(settings.database_url)
     info = model_info or model_reference(settings)

@@ -57,12 +57,12 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Session
 
-from worker import db
 from worker.core.ct import DISCLAIMER
 from worker.core.settings import Settings
+from worker.infra import db
 
 #: Follow-up window of the expansion definitions when ``trend_config`` says nothing (hours).
-from worker.tables import (  # noqa: F401
+from worker.infra.tables import (  # noqa: F401
     DEFAULT_WINDOW_HOURS,
     STUDY_DATETIME_INDEX,
     Base,

@@ -9,7 +9,7 @@ One row per (run, target): ``target`` is ``stow`` (DICOMweb STOW-RS) or ``cstore
 credentials). ``state`` is ``pending`` (created, or waiting for a retry), ``sent`` or
 ``failed`` (permanent error or attempts exhausted; ``ichvol redeliver`` resends).
 ``instances`` lists the objects of the last attempt (kind, SOP class and instance UIDs)
-as JSON. Names follow ``worker.tables.NAMING_CONVENTION``.
+as JSON. Names follow ``worker.infra.tables.NAMING_CONVENTION``.
 """
 
 from __future__ import annotations

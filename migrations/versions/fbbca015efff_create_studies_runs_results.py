@@ -4,7 +4,7 @@ Revision ID: fbbca015efff
 Revises:
 Create Date: 2025-01-01 00:00:00
 
-Names of constraints and indexes follow ``worker.tables.NAMING_CONVENTION`` and are
+Names of constraints and indexes follow ``worker.infra.tables.NAMING_CONVENTION`` and are
 spelled out here (``op.f``), so later migrations can drop them by name on every database.
 """
 

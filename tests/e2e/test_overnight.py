@@ -20,10 +20,10 @@ from tests.helpers.bad_studies import BAD_STUDIES
 from tests.helpers.models import save_hu_band_model
 from tests.helpers.services import S3Bucket
 from tests.helpers.worker_process import CeleryWorker, run_scheduler_once
-from worker import db
 from worker.core.settings import Settings
+from worker.infra import db
+from worker.infra.tables import Result, Run, RunState, Study
 from worker.phantom import LesionSpec, PhantomSpec, generate_study
-from worker.tables import Result, Run, RunState, Study
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration, pytest.mark.slow]
 

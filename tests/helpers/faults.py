@@ -47,11 +47,11 @@ from urllib.parse import urlsplit
 from sqlalchemy import func, select
 
 from tests.helpers.worker_process import REPO_ROOT, settings_env
-from worker import db
 from worker.core.errors import TransientError
 from worker.core.settings import Settings
+from worker.infra import db
+from worker.infra.tables import Result, Run, RunState, Study
 from worker.processing import artefact_prefix
-from worker.tables import Result, Run, RunState, Study
 
 # --------------------------------------------------------------------------------------------
 # S3 fault proxy
@@ -625,7 +625,7 @@ def check_invariants(
 ) -> InvariantReport:
     """Check the batch guarantees against the database and the results bucket.
 
-    ``store`` is an :class:`worker.storage.S3Store` on the results bucket, reached
+    ``store`` is an :class:`worker.infra.storage.S3Store` on the results bucket, reached
     directly (not through a fault proxy). ``expected_prefixes``: export folders that must
     each have been registered (nothing lost).
     """

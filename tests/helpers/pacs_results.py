@@ -16,17 +16,17 @@ from typing import Any
 
 import numpy as np
 
-from scheduler.poll import poll_once
 from tests.helpers.dicom_builders import WrittenSeries, write_ct_series
 from tests.helpers.orthanc import OrthancServer
 from tests.helpers.segmenters import HuBandSegmenter
-from worker import db
 from worker.core.settings import Settings
 from worker.delivery import DeliveryDeps
+from worker.infra import db
+from worker.infra.intake import poll_once
+from worker.infra.storage import LocalStore
 from worker.measure.pipeline import SegmentationOptions, StudyOutcome, segment_study
 from worker.processing import process_run
 from worker.runtime import WorkerDeps
-from worker.storage import LocalStore
 
 #: 2 slices x 10 x 10 pixels x 0.25 mm^2 x 5 mm = 250 mm^3.
 BLOOD_VOLUME_ML = 0.25

@@ -38,7 +38,7 @@ from typing import Any
 import pytest
 
 from worker.core.settings import Settings
-from worker.storage import S3Store, make_s3_client
+from worker.infra.storage import S3Store, make_s3_client
 
 PG_HOST = "127.0.0.1"
 PG_PORT = 5432
@@ -172,7 +172,7 @@ def pg_url(postgres_server: str) -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def _pg_migrated_template(postgres_server: str) -> Iterator[str]:
-    from worker.db import upgrade_to_head
+    from worker.infra.db import upgrade_to_head
 
     with _fresh_database() as name:
         upgrade_to_head(pg_admin_url(name))
@@ -189,7 +189,7 @@ def pg_migrated_url(_pg_migrated_template: str) -> Iterator[str]:
 @pytest.fixture()
 def sqlite_migrated_url(tmp_path: Path) -> str:
     """SQLAlchemy URL of a new SQLite file at the newest migration (the embedded default)."""
-    from worker.db import upgrade_to_head
+    from worker.infra.db import upgrade_to_head
 
     url = f"sqlite:///{tmp_path / 'ichvol.db'}"
     upgrade_to_head(url)

@@ -10,8 +10,8 @@ from contextlib import contextmanager
 import pytest
 from sqlalchemy.orm import Session, sessionmaker
 
-from worker import db
-from worker.tables import Result, Run, RunState, Study
+from worker.infra import db
+from worker.infra.tables import Result, Run, RunState, Study
 
 #: The first scan of every hand-made series: 1 March 2025, 08:00 UTC.
 T0 = dt.datetime(2025, 3, 1, 8, 0, tzinfo=dt.UTC)

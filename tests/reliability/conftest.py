@@ -17,8 +17,8 @@ import pytest
 
 from tests.helpers.faults import BatchEnv, generate_phantoms
 from tests.helpers.services import S3Bucket
-from worker import db
 from worker.core.settings import Settings
+from worker.infra import db
 
 #: Studies per scenario batch (the issue's floor is 100); RELIABILITY_STUDIES overrides it.
 N_STUDIES = int(os.environ.get("RELIABILITY_STUDIES", "100"))

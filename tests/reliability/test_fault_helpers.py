@@ -11,11 +11,11 @@ import pytest
 
 from tests.helpers.faults import FaultPlan, FaultyS3Proxy, check_invariants
 from tests.helpers.services import S3Bucket
-from worker import db
 from worker.core.errors import TransientError
+from worker.infra import db
+from worker.infra.storage import S3Store, make_s3_client
+from worker.infra.tables import Result, Run, RunState, Study
 from worker.processing import artefact_prefix
-from worker.storage import S3Store, make_s3_client
-from worker.tables import Result, Run, RunState, Study
 
 pytestmark = [pytest.mark.integration]
 

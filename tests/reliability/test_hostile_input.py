@@ -17,18 +17,18 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
-from scheduler.poll import poll_once
 from tests.helpers.dicom_builders import write_ct_series
 from tests.helpers.faults import stopping
 from tests.helpers.hostile import HOSTILE_KINDS, SUITE_LIMITS, HostileKind, MemoryStore, write_to_bucket
 from tests.helpers.segmenters import HuBandSegmenter
 from tests.reliability.conftest import MakeEnv
-from worker import db
 from worker.core.settings import Settings
+from worker.infra import db
+from worker.infra.intake import poll_once
+from worker.infra.tables import Run, RunState, Study
 from worker.measure.pipeline import segment_study
 from worker.processing import process_run
 from worker.runtime import WorkerDeps
-from worker.tables import Run, RunState, Study
 
 pytestmark = [pytest.mark.integration]
 

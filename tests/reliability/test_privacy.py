@@ -19,7 +19,7 @@ from sqlalchemy import inspect, text
 
 from tests.helpers.faults import PHI_BIRTH_DATES, PHI_NAMES, generate_phantoms
 from tests.reliability.conftest import MakeEnv
-from worker import db
+from worker.infra import db
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration, pytest.mark.e2e, pytest.mark.timeout(600)]
 

@@ -21,8 +21,8 @@ from sqlalchemy import func, select
 
 from tests.helpers.faults import run_states, upload_study, wait_for
 from tests.reliability.conftest import MakeEnv
-from worker import db
-from worker.tables import Result, Run, RunState, Study
+from worker.infra import db
+from worker.infra.tables import Result, Run, RunState, Study
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration, pytest.mark.e2e, pytest.mark.timeout(600)]
 

@@ -22,17 +22,17 @@ import pytest
 import sqlalchemy
 from sqlalchemy import select, text
 
-from scheduler.poll import poll_once
 from tests.helpers.dicom_builders import write_ct_series
 from tests.helpers.faults import ThrowawayPostgres
 from tests.helpers.hostile import MemoryStore
 from tests.helpers.segmenters import HuBandSegmenter
-from worker import db
 from worker.core.errors import ErrorCode, TransientError
 from worker.core.settings import Settings
+from worker.infra import db
+from worker.infra.intake import poll_once
+from worker.infra.tables import Result, Run, RunState
 from worker.processing import fail_run, process_run, record_hard_time_limit
 from worker.runtime import WorkerDeps
-from worker.tables import Result, Run, RunState
 
 REPO = Path(__file__).resolve().parents[2]
 DOC = REPO / "docs" / "reliability.md"

@@ -70,7 +70,7 @@ def clients(env) -> int:  # type: ignore[no-untyped-def]
     (those of the worker and the scheduler)."""
     import sqlalchemy as sa
 
-    from worker import db
+    from worker.infra import db
 
     pool = env.sessions.kw["bind"].pool
     with db.transaction(env.sessions) as session:

@@ -23,8 +23,8 @@ from sqlalchemy import select
 from tests.helpers.faults import generate_phantoms
 from tests.helpers.worker_hooks import CRASH_SLICES, HARD_SLOW_SLICES, SOFT_SLOW_SLICES
 from tests.reliability.conftest import MakeEnv
-from worker import db
-from worker.tables import Run, RunState, Study
+from worker.infra import db
+from worker.infra.tables import Run, RunState, Study
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration, pytest.mark.e2e, pytest.mark.timeout(600)]
 

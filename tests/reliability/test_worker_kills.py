@@ -21,8 +21,8 @@ from sqlalchemy import select
 
 from tests.helpers.faults import BatchEnv, run_states, wait_for
 from tests.reliability.conftest import MakeEnv
-from worker import db
-from worker.tables import Run, RunState
+from worker.infra import db
+from worker.infra.tables import Run, RunState
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration, pytest.mark.e2e, pytest.mark.timeout(480)]
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from scheduler.listing import fingerprint_of, group_studies
-from worker.storage import ObjectInfo
+from worker.infra.listing import fingerprint_of, group_studies
+from worker.infra.storage import ObjectInfo
 
 T0 = datetime(2026, 11, 27, 22, 0, tzinfo=UTC)
 

@@ -9,13 +9,13 @@ from typing import Any
 import pytest
 from sqlalchemy import func, select, update
 
-from scheduler.poll import poll_once
 from tests.helpers.services import S3Bucket
-from worker import db
 from worker.core.errors import TransientError
 from worker.core.settings import Settings
+from worker.infra import db
+from worker.infra.intake import poll_once
+from worker.infra.tables import Run, RunState, Study
 from worker.model.weights import ModelInfo
-from worker.tables import Run, RunState, Study
 
 pytestmark = pytest.mark.integration
 
@@ -166,7 +166,7 @@ def test_a_poll_costs_a_constant_number_of_statements(tmp_path, pg_migrated_url:
     """No per-object or per-study database round trip: the count does not grow with the bucket."""
     from sqlalchemy import event
 
-    from worker.storage import LocalStore
+    from worker.infra.storage import LocalStore
 
     engine = db.make_engine(pg_migrated_url)
     sessions = db.session_factory(engine)

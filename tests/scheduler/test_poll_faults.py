@@ -7,10 +7,10 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from sqlalchemy import update
 
-from scheduler.poll import recover
-from worker import db
 from worker.core.settings import Settings
-from worker.tables import Run, RunState, Study
+from worker.infra import db
+from worker.infra.intake import recover
+from worker.infra.tables import Run, RunState, Study
 
 pytestmark = pytest.mark.integration
 

@@ -1,4 +1,4 @@
-"""worker.db and worker.tables on real PostgreSQL and on SQLite (both migrated with Alembic)."""
+"""worker.infra.db and worker.infra.tables on real PostgreSQL and on SQLite (both migrated with Alembic)."""
 
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ from sqlalchemy.exc import IntegrityError, OperationalError, StatementError
 from sqlalchemy.orm import Session, sessionmaker
 
 from tests.helpers.services import free_ports
-from worker import db
 from worker.core.errors import TransientError
-from worker.tables import Result, Run, RunState, Study
+from worker.infra import db
+from worker.infra.tables import Result, Run, RunState, Study
 
 pytestmark = pytest.mark.integration
 

@@ -30,7 +30,6 @@ from tests.helpers.pacs_results import (
     orthanc_settings,
     processed_run,
 )
-from worker import db
 from worker.core.errors import ConfigurationError, TransientError
 from worker.core.settings import Settings
 from worker.delivery import (
@@ -44,10 +43,11 @@ from worker.delivery import (
     senders_from_settings,
     store_key,
 )
+from worker.infra import db
+from worker.infra.storage import LocalStore
+from worker.infra.tables import Delivery, DeliveryState, Result
 from worker.outputs.sr import build_overlay_sc, build_volume_sr, read_png_rgb, read_volume_report
 from worker.runtime import WorkerDeps
-from worker.storage import LocalStore
-from worker.tables import Delivery, DeliveryState, Result
 
 pytestmark = pytest.mark.integration
 
@@ -505,9 +505,9 @@ def test_a_broker_outage_leaves_a_pending_delivery_not_an_exception(
 
 
 def _registered_run(deps: WorkerDeps, tmp_path: Path) -> int:
-    from scheduler.poll import poll_once
     from tests.helpers.dicom_builders import write_ct_series
     from tests.helpers.pacs_results import blood_hu
+    from worker.infra.intake import poll_once
 
     write_ct_series(Path(deps.export_store.root) / "exports" / "blood", hu=blood_hu())
     sent: list[int] = []

@@ -1,7 +1,7 @@
 """Alembic migrations: upgrade -> downgrade -> upgrade on real PostgreSQL and on SQLite.
 
 The migrations own the schema; these tests check that they build exactly what
-worker.tables describes (names of constraints and indexes included), that they can
+worker.infra.tables describes (names of constraints and indexes included), that they can
 be undone, and that the command line (alembic.ini) finds the same environment.
 """
 
@@ -20,9 +20,9 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import inspect
 
-from worker import db
 from worker import trends as _trends  # noqa: F401 - registers trend_config and its index in Base.metadata
-from worker.tables import Base
+from worker.infra import db
+from worker.infra.tables import Base
 
 pytestmark = pytest.mark.integration
 

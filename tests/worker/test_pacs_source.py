@@ -11,12 +11,13 @@ import numpy as np
 import pydicom
 import pytest
 
-from scheduler.poll import poll_once
 from tests.helpers.dicom_builders import WrittenSeries, write_ct_series
 from tests.helpers.orthanc import OrthancServer, orthanc  # noqa: F401 - the fixture
 from tests.helpers.pacs_results import blood_hu, local_deps, measured_study
 from worker.core.errors import TransientError
 from worker.core.settings import Settings
+from worker.infra.intake import poll_once
+from worker.infra.storage import LocalStore
 from worker.pacs_source import (
     DicomwebClient,
     DicomwebError,
@@ -26,7 +27,6 @@ from worker.pacs_source import (
     study_query,
 )
 from worker.processing import process_run
-from worker.storage import LocalStore
 
 pytestmark = pytest.mark.integration
 

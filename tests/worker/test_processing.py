@@ -9,16 +9,16 @@ import numpy as np
 import pytest
 from sqlalchemy import func, select
 
-from scheduler.poll import poll_once
 from tests.helpers.bad_studies import BAD_STUDIES
 from tests.helpers.dicom_builders import write_ct_series
 from tests.helpers.segmenters import HuBandSegmenter
 from tests.helpers.services import S3Bucket
-from worker import db
 from worker.core.errors import TransientError
+from worker.infra import db
+from worker.infra.intake import poll_once
+from worker.infra.tables import Result, Run, RunState, Study
 from worker.processing import claim_run, process_run
 from worker.runtime import WorkerDeps
-from worker.tables import Result, Run, RunState, Study
 
 pytestmark = pytest.mark.integration
 

@@ -8,15 +8,15 @@ import numpy as np
 import pytest
 from sqlalchemy import select, update
 
-from scheduler.poll import poll_once
 from tests.helpers.dicom_builders import write_ct_series
 from tests.helpers.hostile import MemoryStore
 from tests.helpers.segmenters import HuBandSegmenter
-from worker import db
 from worker.core.settings import Settings
+from worker.infra import db
+from worker.infra.intake import poll_once
+from worker.infra.tables import Result, Run, RunState, Study
 from worker.processing import _process_claimed, artefact_prefix, claim_run, process_run, record_hard_time_limit
 from worker.runtime import WorkerDeps
-from worker.tables import Result, Run, RunState, Study
 
 pytestmark = pytest.mark.integration
 

@@ -14,14 +14,15 @@ import numpy as np
 import pytest
 from sqlalchemy import select
 
-from scheduler.poll import poll_once
 from tests.helpers.dicom_builders import write_ct_series
 from tests.helpers.segmenters import HuBandSegmenter
-from worker import db, processing, read_ahead, runtime
+from worker import processing, read_ahead, runtime
 from worker.core.settings import Settings
+from worker.infra import db
+from worker.infra.intake import poll_once
+from worker.infra.tables import Result
 from worker.local import local_settings
 from worker.processing import process_run
-from worker.tables import Result
 
 
 def _blood_hu() -> np.ndarray:

@@ -17,8 +17,8 @@ import pytest
 from sqlalchemy.orm import Session
 
 from tests.helpers.trends import add_result, add_scan, add_study, session_for
-from worker import db
-from worker.tables import RunState
+from worker.infra import db
+from worker.infra.tables import RunState
 
 pytestmark = pytest.mark.integration
 

@@ -1,4 +1,4 @@
-"""worker.storage: key safety, LocalStore, and S3Store against a real SeaweedFS on loopback."""
+"""worker.infra.storage: key safety, LocalStore, and S3Store against a real SeaweedFS on loopback."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from botocore.exceptions import ClientError
 from tests.helpers.services import S3Bucket, S3Server, free_ports
 from worker.core.errors import ConfigurationError, ErrorCode, StudyError, TransientError
 from worker.core.settings import Settings
-from worker.storage import (
+from worker.infra.storage import (
     MULTIPART_THRESHOLD_BYTES,
     TEMP_PREFIX,
     LocalStore,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from worker.core.settings import Settings
-from worker.storage import make_s3_client
+from worker.infra.storage import make_s3_client
 
 
 def test_s3_timeouts_are_settings() -> None:

@@ -13,9 +13,9 @@ from sqlalchemy import select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from tests.helpers.trends import add_result, add_scan, add_study, at, session_for, trend_sessions, trend_url
-from worker import db
 from worker.core.settings import Settings
-from worker.tables import RunState
+from worker.infra import db
+from worker.infra.tables import RunState
 from worker.trends import (
     Definition,
     current_results_view,

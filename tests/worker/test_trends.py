@@ -10,9 +10,9 @@ import pytest
 from sqlalchemy.orm import Session, sessionmaker
 
 from tests.helpers.trends import add_scan, at, session_for, trend_sessions, trend_url
-from worker import db
 from worker.core.ct import DISCLAIMER
 from worker.core.settings import Settings
+from worker.infra import db
 from worker.trends import (
     TimelineRow,
     add_trends_arguments,

@@ -115,7 +115,7 @@ class Study(Base):
     """One version of a study folder in a bucket, and its DICOM identifiers once read.
 
     ``fingerprint`` is the SHA-256 (hex) of the folder's sorted ``(key, etag, size)``
-    list (computed by the scheduler, ``scheduler.listing.fingerprint_of``). ``study_datetime`` is StudyDate +
+    list (computed by the scheduler, ``worker.infra.listing.fingerprint_of``). ``study_datetime`` is StudyDate +
     StudyTime, or the acquisition datetime when those are unusable; timezone: as the
     worker resolves it (UTC in the database).
     """

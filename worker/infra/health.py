@@ -11,7 +11,7 @@ from worker.core.settings import Settings
 def check_db(settings: Settings) -> str:
     from sqlalchemy import text
 
-    from worker import db
+    from worker.infra import db
 
     engine = db.make_engine(settings.database_url)
     try:
@@ -33,7 +33,7 @@ def check_broker(settings: Settings) -> str:
 def check_buckets(settings: Settings) -> str:
     from itertools import islice
 
-    from worker import storage
+    from worker.infra import storage
 
     for name in (settings.export_bucket, settings.results_bucket):
         store = storage.open_store(name, settings)

@@ -28,12 +28,12 @@ from typing import Any
 
 from sqlalchemy import and_, or_, update
 
-from scheduler.listing import StudyListing, group_studies, normalise_prefix
-from worker import db
 from worker.core.errors import ErrorCode, TransientError
 from worker.core.settings import Settings
+from worker.infra import db
+from worker.infra.listing import StudyListing, group_studies, normalise_prefix
+from worker.infra.tables import Run, RunState, Study
 from worker.model.weights import ModelInfo
-from worker.tables import Run, RunState, Study
 
 log = logging.getLogger(__name__)
 

@@ -38,7 +38,7 @@ LOCK_TIMEOUT_MS = 30_000
 #: SQLite: how long a writer waits for another writer's transaction to finish.
 SQLITE_BUSY_TIMEOUT_S = 30.0
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 MIGRATIONS_DIR = REPO_ROOT / "migrations"
 ALEMBIC_INI = REPO_ROOT / "alembic.ini"
 
