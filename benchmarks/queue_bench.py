@@ -8,7 +8,7 @@ Starts its own SeaweedFS S3 server (free loopback ports), a fresh PostgreSQL dat
 (migrated to head) on the local server and a free Redis database number, then:
 
 1. **in process**: each study is uploaded, registered by :func:`worker.infra.intake.poll_once`
-   (sending nothing), and processed by :func:`worker.processing.process_run` with its
+   (sending nothing), and processed by :func:`worker.overnight.processing.process_run` with its
    steps timed: claim, download, segment (``read`` ... ``write``), upload, finish. This is
    what the queue adds beyond ``ichvol segment``, stage by stage.
 2. **read-ahead**: ``--studies`` studies queued at once, processed one after the other
@@ -129,7 +129,7 @@ def upload_study(client: Any, bucket: str, folder: Path, prefix: str) -> None:
 
 
 class StageTimer:
-    """Wraps functions of :mod:`worker.processing` to time each call (seconds, summed per run)."""
+    """Wraps functions of :mod:`worker.overnight.processing` to time each call (seconds, summed per run)."""
 
     NAMES: ClassVar[dict[str, str]] = {
         "claim": "claim_run",
@@ -154,7 +154,7 @@ class StageTimer:
         return timed
 
     def __enter__(self) -> StageTimer:
-        from worker import processing
+        from worker.overnight import processing
 
         for label, name in self.NAMES.items():
             self._saved[name] = getattr(processing, name)
@@ -162,7 +162,7 @@ class StageTimer:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        from worker import processing
+        from worker.overnight import processing
 
         for name, fn in self._saved.items():
             setattr(processing, name, fn)
@@ -187,8 +187,8 @@ def _register(settings: Any, deps: Any) -> list[int]:
 
 
 def in_process(settings: Any, *, study: Path, client: Any, rounds: int, studies: int) -> dict[str, Any]:
-    from worker import runtime
-    from worker.processing import process_run
+    from worker.overnight import runtime
+    from worker.overnight.processing import process_run
 
     deps = runtime.build_deps(settings)
     deps.segmenter  # noqa: B018 - load (and warm) the model before timing, as a pool process does

@@ -29,7 +29,7 @@ def run_scheduler(settings: Settings, *, once: bool = False, stop: threading.Eve
     from scheduler.enqueue import celery_sender
     from worker.infra import db, storage
     from worker.infra.intake import poll_once
-    from worker.runtime import model_reference
+    from worker.overnight.runtime import model_reference
 
     stop = stop or threading.Event()
     _require_migrated(settings)

@@ -70,21 +70,21 @@ from worker import control as _control  # noqa: E402,F401
 
 @signals.worker_process_init.connect  # type: ignore[untyped-decorator]
 def _load_model_in_child(**_: Any) -> None:
-    from worker import runtime
+    from worker.overnight import runtime
 
     runtime.init_pool_process(app.conf.ichvol_settings)
 
 
 @signals.worker_process_shutdown.connect  # type: ignore[untyped-decorator]
 def _close_child(**_: Any) -> None:
-    from worker import runtime
+    from worker.overnight import runtime
 
     runtime.shutdown_pool_process()
 
 
 @signals.worker_init.connect  # type: ignore[untyped-decorator]
 def _init_parent(**_: Any) -> None:
-    from worker import runtime
+    from worker.overnight import runtime
 
     runtime.init_parent(app.conf.ichvol_settings)
 
@@ -98,6 +98,6 @@ def _record_hard_time_limit(
 
     if not isinstance(exception, TimeLimitExceeded) or getattr(sender, "name", None) != TASK_PROCESS_RUN:
         return
-    from worker import runtime
+    from worker.overnight import runtime
 
     runtime.record_hard_time_limit(app.conf.ichvol_settings, run_id=int(args[0]), task_id=task_id)

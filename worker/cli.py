@@ -143,7 +143,7 @@ def _demo(args: argparse.Namespace, settings: Settings) -> int:
     import shutil
 
     from worker.demo import make_demo_bucket
-    from worker.local import format_table, local_settings, run_local
+    from worker.overnight.local import format_table, local_settings, run_local
 
     root = args.dir.resolve()
     bucket = root / "bucket"
@@ -176,7 +176,7 @@ def _add_run(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 def _run(args: argparse.Namespace, settings: Settings) -> int:
     from worker.core.errors import ConfigurationError
-    from worker.local import format_table, local_settings, run_local
+    from worker.overnight.local import format_table, local_settings, run_local
 
     if not args.bucket.is_dir():
         raise ConfigurationError(f"--bucket {args.bucket} is not a folder")

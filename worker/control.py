@@ -3,7 +3,7 @@
 Answered by the worker's parent process, which never loads TensorFlow: the model's
 name, version and checksum come from the weights file's metadata; whether it is
 loaded, on which device and how many studies were processed come from the status
-files the pool processes keep (see :mod:`worker.runtime`).
+files the pool processes keep (see :mod:`worker.overnight.runtime`).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from celery.worker.control import inspect_command
 @inspect_command()  # type: ignore[untyped-decorator]
 def model_info(state: Any, **_: Any) -> dict[str, Any]:
     """Model name, version, weights sha256, device, loaded, studies processed."""
-    from worker import runtime
+    from worker.overnight import runtime
 
     settings = state.consumer.app.conf.ichvol_settings
     try:

@@ -725,7 +725,7 @@ def summary_json(outcomes: Sequence[DeliveryOutcome]) -> str:
 def deliver_in_process(worker_deps: Any, *, run_ids: Sequence[int]) -> list[DeliveryOutcome]:
     """The embedded default's delivery: one attempt per run, right after processing.
 
-    ``worker_deps``: a :class:`worker.runtime.WorkerDeps`. Deliveries that meet transient
+    ``worker_deps``: a :class:`worker.overnight.runtime.WorkerDeps`. Deliveries that meet transient
     trouble stay ``pending`` (``ichvol redeliver --state pending`` sends them later).
     """
     deps = DeliveryDeps(

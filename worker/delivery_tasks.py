@@ -25,9 +25,9 @@ def _backoff_s(retries: int, *, base_s: float, max_s: float) -> float:
 
 @app.task(name=TASK_DELIVER, bind=True, acks_late=True, reject_on_worker_lost=True, max_retries=None)  # type: ignore[untyped-decorator]
 def deliver_task(self: Any, run_id: int) -> dict[str, Any]:
-    from worker import runtime
     from worker.core.logs import log_context
     from worker.delivery import DeliveryDeps, deliver_run
+    from worker.overnight import runtime
 
     worker_deps = runtime.get_deps(app.conf.ichvol_settings)
     settings = worker_deps.settings

@@ -1,4 +1,4 @@
-"""Celery tasks: thin wrappers that call :func:`worker.processing.process_run`.
+"""Celery tasks: thin wrappers that call :func:`worker.overnight.processing.process_run`.
 
 Transient errors retry with exponential backoff (``ICHVOL_RETRY_BACKOFF_S`` doubling up
 to ``ICHVOL_RETRY_BACKOFF_MAX_S``) until the run used ``ICHVOL_MAX_ATTEMPTS``
@@ -21,8 +21,8 @@ def backoff_s(retries: int, *, base_s: float, max_s: float) -> float:
 
 @app.task(name=TASK_PROCESS_RUN, bind=True, acks_late=True, reject_on_worker_lost=True, max_retries=None)  # type: ignore[untyped-decorator]
 def process_run_task(self: Any, run_id: int) -> dict[str, Any]:
-    from worker import runtime
-    from worker.processing import fail_run, process_run
+    from worker.overnight import runtime
+    from worker.overnight.processing import fail_run, process_run
 
     deps = runtime.get_deps(app.conf.ichvol_settings)
     settings = deps.settings

@@ -51,7 +51,7 @@ from worker.core.errors import TransientError
 from worker.core.settings import Settings
 from worker.infra import db
 from worker.infra.tables import Result, Run, RunState, Study
-from worker.processing import artefact_prefix
+from worker.overnight.processing import artefact_prefix
 
 # --------------------------------------------------------------------------------------------
 # S3 fault proxy

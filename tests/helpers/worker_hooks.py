@@ -58,7 +58,7 @@ class SlowStudySegmenter:
 @signals.worker_process_init.connect  # type: ignore[untyped-decorator]
 def _wrap_segmenter(**_: Any) -> None:
     # Connected after worker.celery's own receiver, so the model is loaded by now.
-    from worker import runtime
+    from worker.overnight import runtime
 
     deps = runtime.get_deps()
     deps._segmenter = SlowStudySegmenter(deps.segmenter)

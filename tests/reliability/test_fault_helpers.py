@@ -15,7 +15,7 @@ from worker.core.errors import TransientError
 from worker.infra import db
 from worker.infra.storage import S3Store, make_s3_client
 from worker.infra.tables import Result, Run, RunState, Study
-from worker.processing import artefact_prefix
+from worker.overnight.processing import artefact_prefix
 
 pytestmark = [pytest.mark.integration]
 

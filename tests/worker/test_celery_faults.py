@@ -8,7 +8,7 @@ import pytest
 from billiard.exceptions import TimeLimitExceeded, WorkerLostError
 
 from worker import celery as celery_module
-from worker import runtime
+from worker.overnight import runtime
 
 
 def test_pool_processes_may_take_minutes_to_load_the_model() -> None:

@@ -47,7 +47,7 @@ from worker.infra import db
 from worker.infra.storage import LocalStore
 from worker.infra.tables import Delivery, DeliveryState, Result
 from worker.outputs.sr import build_overlay_sc, build_volume_sr, read_png_rgb, read_volume_report
-from worker.runtime import WorkerDeps
+from worker.overnight.runtime import WorkerDeps
 
 pytestmark = pytest.mark.integration
 
@@ -444,8 +444,8 @@ def test_the_processing_task_hands_a_succeeded_run_to_delivery(
     sqlite_migrated_url: str,
     tmp_path: Path,
 ) -> None:
-    from worker import runtime
     from worker.celery import app
+    from worker.overnight import runtime
     from worker.tasks import process_run_task
 
     deps = local_deps(tmp_path, sqlite_migrated_url, **orthanc_settings(orthanc))
@@ -467,7 +467,8 @@ def test_the_processing_task_hands_a_succeeded_run_to_delivery(
 def test_without_pacs_settings_the_processing_task_delivers_nothing(
     sqlite_migrated_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from worker import delivery_tasks, runtime
+    from worker import delivery_tasks
+    from worker.overnight import runtime
     from worker.tasks import process_run_task
 
     deps = local_deps(tmp_path, sqlite_migrated_url)
@@ -633,8 +634,8 @@ def test_the_embedded_runner_delivers_in_process(
     from tests.helpers.dicom_builders import write_ct_series
     from tests.helpers.pacs_results import blood_hu
     from tests.helpers.segmenters import HuBandSegmenter
-    from worker import runtime
-    from worker.local import local_settings, run_local
+    from worker.overnight import runtime
+    from worker.overnight.local import local_settings, run_local
 
     write_ct_series(tmp_path / "bucket" / "blood", hu=blood_hu())
     base = Settings(restrict_to_intracranial=False, min_component_ml=0.0, **orthanc_settings(orthanc))

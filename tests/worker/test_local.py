@@ -9,7 +9,7 @@ import pytest
 from tests.helpers.segmenters import HuBandSegmenter
 from worker.core.settings import Settings
 from worker.demo import make_demo_bucket
-from worker.local import format_table, local_settings, run_local
+from worker.overnight.local import format_table, local_settings, run_local
 
 
 def test_demo_bucket_is_processed_like_the_overnight_pipeline(tmp_path: Path) -> None:

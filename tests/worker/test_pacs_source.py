@@ -18,6 +18,7 @@ from worker.core.errors import TransientError
 from worker.core.settings import Settings
 from worker.infra.intake import poll_once
 from worker.infra.storage import LocalStore
+from worker.overnight.processing import process_run
 from worker.pacs_source import (
     DicomwebClient,
     DicomwebError,
@@ -26,7 +27,6 @@ from worker.pacs_source import (
     study_folder,
     study_query,
 )
-from worker.processing import process_run
 
 pytestmark = pytest.mark.integration
 

@@ -17,8 +17,8 @@ from worker.core.errors import TransientError
 from worker.infra import db
 from worker.infra.intake import poll_once
 from worker.infra.tables import Result, Run, RunState, Study
-from worker.processing import claim_run, process_run
-from worker.runtime import WorkerDeps
+from worker.overnight.processing import claim_run, process_run
+from worker.overnight.runtime import WorkerDeps
 
 pytestmark = pytest.mark.integration
 
@@ -174,8 +174,8 @@ def test_a_takeover_leaves_exactly_one_result(s3_bucket: S3Bucket, pg_migrated_u
     stale = claim_run(deps, run_id=run_id, task_id="first")  # a delivery whose worker then vanished
     assert stale is not None
     assert process_run(run_id=run_id, deps=deps, task_id="second").state == "succeeded"
-    from worker.processing import RunState as _RS
-    from worker.processing import _finish
+    from worker.overnight.processing import RunState as _RS
+    from worker.overnight.processing import _finish
 
     assert _finish(deps, stale, state=_RS.FAILED, error_code="x") is False  # the stale claim writes nothing
     with deps.sessions() as s:

@@ -15,8 +15,14 @@ from worker.core.settings import Settings
 from worker.infra import db
 from worker.infra.intake import poll_once
 from worker.infra.tables import Result, Run, RunState, Study
-from worker.processing import _process_claimed, artefact_prefix, claim_run, process_run, record_hard_time_limit
-from worker.runtime import WorkerDeps
+from worker.overnight.processing import (
+    _process_claimed,
+    artefact_prefix,
+    claim_run,
+    process_run,
+    record_hard_time_limit,
+)
+from worker.overnight.runtime import WorkerDeps
 
 pytestmark = pytest.mark.integration
 

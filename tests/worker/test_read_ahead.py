@@ -16,13 +16,13 @@ from sqlalchemy import select
 
 from tests.helpers.dicom_builders import write_ct_series
 from tests.helpers.segmenters import HuBandSegmenter
-from worker import processing, read_ahead, runtime
 from worker.core.settings import Settings
 from worker.infra import db
 from worker.infra.intake import poll_once
 from worker.infra.tables import Result
-from worker.local import local_settings
-from worker.processing import process_run
+from worker.overnight import processing, read_ahead, runtime
+from worker.overnight.local import local_settings
+from worker.overnight.processing import process_run
 
 
 def _blood_hu() -> np.ndarray:

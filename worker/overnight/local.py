@@ -3,7 +3,7 @@
 ``ichvol demo`` and ``ichvol run --bucket DIR`` use a local folder as the export bucket,
 another as the results bucket, SQLite as the database and run each task in this
 process, right after the poll that enqueued it. The code path is the production one
-(:func:`worker.infra.intake.poll_once`, :func:`worker.processing.process_run`); only the
+(:func:`worker.infra.intake.poll_once`, :func:`worker.overnight.processing.process_run`); only the
 transport differs.
 """
 
@@ -58,10 +58,10 @@ def run_local(settings: Settings, *, segmenter: Segmenter | None = None) -> tupl
     ``segmenter`` defaults to the configured weights. Returns the poll report and one row per
     study version in the database.
     """
-    from worker import runtime
     from worker.infra import db
     from worker.infra.intake import poll_once
-    from worker.processing import process_run
+    from worker.overnight import runtime
+    from worker.overnight.processing import process_run
 
     Path(settings.work_dir).mkdir(parents=True, exist_ok=True)
     db.upgrade_to_head(settings.database_url)

@@ -38,14 +38,14 @@ from typing import Any
 from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy import update
 
-from worker import read_ahead
 from worker.core.ct import CtSeries, StudyInfo
 from worker.core.errors import ErrorCode, ModelFileError, StudyError, TransientError
 from worker.core.logs import log_context
 from worker.infra import db
 from worker.infra.tables import Result, Run, RunState, Study
 from worker.measure.pipeline import ARTEFACT_NAMES, SegmentationOptions, StudyOutcome, segment_study
-from worker.runtime import WorkerDeps
+from worker.overnight import read_ahead
+from worker.overnight.runtime import WorkerDeps
 
 log = logging.getLogger(__name__)
 
@@ -458,7 +458,7 @@ def _process_claimed(deps: WorkerDeps, claim: _Claim) -> RunOutcome:
                 segmenter = deps.segmenter
             except ModelFileError as exc:
                 raise TransientError(f"model not available on this worker: {exc.message}") from exc
-            # A study read ahead while the previous one was measured starts decoded (worker.read_ahead).
+            # A study read ahead while the previous one was measured starts decoded (worker.overnight.read_ahead).
             series = read_ahead.take(deps, run_id=claim.run_id, fingerprint=claim.fingerprint, dest=scratch / "study")
             if series is None:
                 _download_study(deps, claim, scratch / "study")

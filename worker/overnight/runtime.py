@@ -125,7 +125,7 @@ def record_hard_time_limit(settings: Settings, *, run_id: int, task_id: str | No
     disposes of them: the parent forks new pool processes and must not hold connections.
     Database or S3 trouble is logged; the scheduler's recovery then handles the run.
     """
-    from worker.processing import record_hard_time_limit as record
+    from worker.overnight.processing import record_hard_time_limit as record
 
     deps: WorkerDeps | None = None
     try:
