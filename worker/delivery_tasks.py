@@ -1,4 +1,4 @@
-"""Celery task ``ichvol.deliver``: a thin wrapper around :func:`worker.delivery.deliver_run`.
+"""Celery task ``ichvol.deliver``: a thin wrapper around :func:`worker.delivery.deliveries.deliver_run`.
 
 Sent by :func:`enqueue_delivery` only after the result's transaction committed (from
 ``ichvol.process_run`` once it succeeded). Transient PACS trouble retries with
@@ -14,7 +14,7 @@ from typing import Any
 
 from worker.celery import app
 from worker.core.errors import TransientError
-from worker.delivery import TASK_DELIVER
+from worker.delivery.deliveries import TASK_DELIVER
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +26,7 @@ def _backoff_s(retries: int, *, base_s: float, max_s: float) -> float:
 @app.task(name=TASK_DELIVER, bind=True, acks_late=True, reject_on_worker_lost=True, max_retries=None)  # type: ignore[untyped-decorator]
 def deliver_task(self: Any, run_id: int) -> dict[str, Any]:
     from worker.core.logs import log_context
-    from worker.delivery import DeliveryDeps, deliver_run
+    from worker.delivery.deliveries import DeliveryDeps, deliver_run
     from worker.overnight import runtime
 
     worker_deps = runtime.get_deps(app.conf.ichvol_settings)
@@ -53,7 +53,7 @@ def enqueue_delivery(*, run_id: int, deps: Any) -> bool:
     still safe: ``ichvol redeliver --state pending`` (rows exist) or ``--missing`` (no
     rows) sends it later. Returns whether the message was sent.
     """
-    from worker.delivery import create_deliveries, senders_from_settings
+    from worker.delivery.deliveries import create_deliveries, senders_from_settings
 
     settings = deps.settings
     senders = senders_from_settings(settings)

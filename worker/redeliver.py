@@ -59,7 +59,7 @@ def runs_without_deliveries(
 
 
 def run_redeliver_command(args: argparse.Namespace, settings: Settings) -> int:
-    from worker.delivery import DeliveryDeps, create_deliveries, deliver_run, requeue, senders_from_settings
+    from worker.delivery.deliveries import DeliveryDeps, create_deliveries, deliver_run, requeue, senders_from_settings
 
     senders = senders_from_settings(settings)
     if not senders:
@@ -99,7 +99,7 @@ def run_redeliver_command(args: argparse.Namespace, settings: Settings) -> int:
 def _enqueue(run_ids: list[int], settings: Settings) -> int:
     from celery import Celery
 
-    from worker.delivery import TASK_DELIVER
+    from worker.delivery.deliveries import TASK_DELIVER
 
     app = Celery("ichvol-redeliver", broker=settings.broker_url)
     app.conf.update(broker_connection_retry_on_startup=True, task_serializer="json")

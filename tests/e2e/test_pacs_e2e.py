@@ -27,10 +27,10 @@ from tests.helpers.pacs_results import orthanc_settings
 from tests.helpers.services import S3Bucket
 from tests.helpers.worker_process import CeleryWorker, run_scheduler_once
 from worker.core.settings import Settings
+from worker.delivery.dicomweb import DicomwebClient
 from worker.infra import db
 from worker.infra.tables import Delivery, DeliveryState, Result, Run, RunState, Study
 from worker.outputs.sr import read_volume_report
-from worker.pacs_source import DicomwebClient
 from worker.phantom import LesionSpec, PhantomSpec, generate_study
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration, pytest.mark.slow]

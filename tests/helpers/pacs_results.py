@@ -20,7 +20,7 @@ from tests.helpers.dicom_builders import WrittenSeries, write_ct_series
 from tests.helpers.orthanc import OrthancServer
 from tests.helpers.segmenters import HuBandSegmenter
 from worker.core.settings import Settings
-from worker.delivery import DeliveryDeps
+from worker.delivery.deliveries import DeliveryDeps
 from worker.infra import db
 from worker.infra.intake import poll_once
 from worker.infra.storage import LocalStore

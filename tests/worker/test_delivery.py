@@ -32,7 +32,7 @@ from tests.helpers.pacs_results import (
 )
 from worker.core.errors import ConfigurationError, TransientError
 from worker.core.settings import Settings
-from worker.delivery import (
+from worker.delivery.deliveries import (
     CStoreSender,
     DeliveryError,
     DicomObject,
@@ -249,7 +249,7 @@ def test_stow_rs_sends_a_bearer_token_and_a_multipart_body(stub: Any, measured: 
     assert request["headers"]["Authorization"] == "Bearer tok-123"
     content_type = request["headers"]["Content-Type"]
     assert content_type.startswith('multipart/related; type="application/dicom"; boundary=')
-    from worker.pacs_source import split_multipart
+    from worker.delivery.dicomweb import split_multipart
 
     parts = split_multipart(request["body"], content_type)
     assert len(parts) == 3
@@ -322,7 +322,7 @@ def test_the_sr_in_the_pacs_holds_the_database_numbers(
     sqlite_migrated_url: str,
     tmp_path: Path,
 ) -> None:
-    from worker.pacs_source import DicomwebClient
+    from worker.delivery.dicomweb import DicomwebClient
 
     deps = local_deps(tmp_path, sqlite_migrated_url, **orthanc_settings(orthanc, pacs_send_overlay=False))
     run_id = processed_run(deps, tmp_path / "studies")

@@ -16,10 +16,7 @@ from tests.helpers.orthanc import OrthancServer, orthanc  # noqa: F401 - the fix
 from tests.helpers.pacs_results import blood_hu, local_deps, measured_study
 from worker.core.errors import TransientError
 from worker.core.settings import Settings
-from worker.infra.intake import poll_once
-from worker.infra.storage import LocalStore
-from worker.overnight.processing import process_run
-from worker.pacs_source import (
+from worker.delivery.dicomweb import (
     DicomwebClient,
     DicomwebError,
     pacs_poll_once,
@@ -27,6 +24,9 @@ from worker.pacs_source import (
     study_folder,
     study_query,
 )
+from worker.infra.intake import poll_once
+from worker.infra.storage import LocalStore
+from worker.overnight.processing import process_run
 
 pytestmark = pytest.mark.integration
 

@@ -290,7 +290,7 @@ class Delivery(Base):
     (DIMSE C-STORE), ``destination`` the URL or ``AET@host:port`` (never credentials).
     ``attempts`` counts sends; ``last_error`` is the last failure's one-line reason;
     ``instances`` lists the objects of the last attempt, each ``{"kind", "sop_class_uid",
-    "sop_instance_uid", "series_instance_uid"}``. Written by :mod:`worker.delivery`.
+    "sop_instance_uid", "series_instance_uid"}``. Written by :mod:`worker.delivery.deliveries`.
     """
 
     __tablename__ = "deliveries"

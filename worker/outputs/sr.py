@@ -1,7 +1,7 @@
 """The results as DICOM for a PACS: a TID 1500 measurement report (SR) and an overlay secondary capture.
 
 Both are built after the result is committed, from the database row and the stored
-``seg.dcm`` / ``overlay.png`` (see :mod:`worker.delivery`), and both take patient and
+``seg.dcm`` / ``overlay.png`` (see :mod:`worker.delivery.deliveries`), and both take patient and
 study identity from the SEG, so the three land in the CT's study.
 
 The Structured Report (:func:`build_volume_sr`)

@@ -195,7 +195,7 @@ class StowSender:
         return f"{parts.scheme}://{host}{port}{parts.path}"  # no user:password@ even if the URL had one
 
     def _session(self) -> Any:
-        from worker.pacs_source import dicomweb_session
+        from worker.delivery.dicomweb import dicomweb_session
 
         return dicomweb_session(token=self._token, username=self._username, password=self._password, verify=self.verify)
 
