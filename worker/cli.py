@@ -267,7 +267,9 @@ MODULE_COMMANDS = (
         "worker.predict_images_command",
         "predict_images",
     ),
-    ModuleCommand("trends", "hematoma volume timelines and expansion (from the database)", "worker.trends", "trends"),
+    ModuleCommand(
+        "trends", "hematoma volume timelines and expansion (from the database)", "worker.trends.views", "trends"
+    ),
     ModuleCommand(
         "redeliver",
         "send stored results to the PACS again (failed, pending or missing)",

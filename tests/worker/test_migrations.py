@@ -20,9 +20,9 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import inspect
 
-from worker import trends as _trends  # noqa: F401 - registers trend_config and its index in Base.metadata
 from worker.infra import db
 from worker.infra.tables import Base
+from worker.trends import views as _trends  # noqa: F401 - registers trend_config and its index in Base.metadata
 
 pytestmark = pytest.mark.integration
 

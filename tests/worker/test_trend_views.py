@@ -16,7 +16,7 @@ from tests.helpers.trends import add_result, add_scan, add_study, at, session_fo
 from worker.core.settings import Settings
 from worker.infra import db
 from worker.infra.tables import RunState
-from worker.trends import (
+from worker.trends.views import (
     Definition,
     current_results_view,
     expansions_since,

@@ -13,7 +13,7 @@ from tests.helpers.trends import add_scan, at, session_for, trend_sessions, tren
 from worker.core.ct import DISCLAIMER
 from worker.core.settings import Settings
 from worker.infra import db
-from worker.trends import (
+from worker.trends.views import (
     TimelineRow,
     add_trends_arguments,
     expansion_thresholds,
@@ -273,7 +273,7 @@ def _row(
 
 
 def test_plot_draws_thresholds_window_and_points() -> None:
-    from worker.trend_plot import draw_timeline
+    from worker.trends.plot import draw_timeline
 
     rows = [
         _row(1, 0.0, 30.0, baseline_ml=30.0),
@@ -298,7 +298,7 @@ def test_plot_draws_thresholds_window_and_points() -> None:
 
 
 def test_plot_refuses_a_timeline_without_times() -> None:
-    from worker.trend_plot import draw_timeline
+    from worker.trends.plot import draw_timeline
 
     with pytest.raises(ValueError, match="no scan with a usable time"):
         draw_timeline(rows=[_row(1, None, 5.0, baseline_ml=None)], window_hours=72.0)

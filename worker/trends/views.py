@@ -748,7 +748,7 @@ def _print_patient(session: Session, args: argparse.Namespace) -> int:
     if expansion is None:
         print("no plot: no scan has a usable time")
         return 0
-    from worker.trend_plot import plot_timeline
+    from worker.trends.plot import plot_timeline
 
     try:
         path = plot_timeline(rows=rows, window_hours=expansion.window_hours, out_path=args.plot)
