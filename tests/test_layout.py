@@ -35,7 +35,7 @@ def test_only_the_framework_module_imports_tensorflow_or_keras() -> None:
 def test_the_scheduler_and_the_cli_start_without_tensorflow() -> None:
     code = (
         "import sys; import scheduler.main, worker.infra.intake, scheduler.enqueue, worker.cli, worker.celery, "
-        "worker.tasks, worker.overnight.processing, worker.trends.views; "
+        "worker.tasks.process, worker.overnight.processing, worker.trends.views; "
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in {'tensorflow', 'keras'} "
         "or m == 'worker.model.networks'); "
         "print(bad)"

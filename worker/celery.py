@@ -36,7 +36,7 @@ POOL_PROCESS_START_TIMEOUT_S = 300.0
 
 def create_app(settings: Settings | None = None) -> Celery:
     settings = settings or Settings.from_env()
-    app = Celery("ichvol", broker=settings.broker_url, include=["worker.tasks", "worker.delivery_tasks"])
+    app = Celery("ichvol", broker=settings.broker_url, include=["worker.tasks.process", "worker.tasks.deliver"])
     app.conf.update(
         task_acks_late=True,
         task_reject_on_worker_lost=True,
@@ -65,7 +65,7 @@ def create_app(settings: Settings | None = None) -> Celery:
 app = create_app()
 
 # Remote-control commands (`celery -A worker inspect model_info`) register on import.
-from worker import control as _control  # noqa: E402,F401
+from worker.tasks import control as _control  # noqa: E402,F401
 
 
 @signals.worker_process_init.connect  # type: ignore[untyped-decorator]

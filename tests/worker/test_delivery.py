@@ -446,7 +446,7 @@ def test_the_processing_task_hands_a_succeeded_run_to_delivery(
 ) -> None:
     from worker.celery import app
     from worker.overnight import runtime
-    from worker.tasks import process_run_task
+    from worker.tasks.process import process_run_task
 
     deps = local_deps(tmp_path, sqlite_migrated_url, **orthanc_settings(orthanc))
     run_id = _registered_run(deps, tmp_path)
@@ -467,9 +467,9 @@ def test_the_processing_task_hands_a_succeeded_run_to_delivery(
 def test_without_pacs_settings_the_processing_task_delivers_nothing(
     sqlite_migrated_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from worker import delivery_tasks
     from worker.overnight import runtime
-    from worker.tasks import process_run_task
+    from worker.tasks import deliver as delivery_tasks
+    from worker.tasks.process import process_run_task
 
     deps = local_deps(tmp_path, sqlite_migrated_url)
     run_id = _registered_run(deps, tmp_path)
@@ -491,7 +491,7 @@ def test_a_broker_outage_leaves_a_pending_delivery_not_an_exception(
 ) -> None:
     from kombu.exceptions import OperationalError
 
-    from worker.delivery_tasks import deliver_task, enqueue_delivery
+    from worker.tasks.deliver import deliver_task, enqueue_delivery
 
     deps = local_deps(tmp_path, sqlite_migrated_url, **orthanc_settings(orthanc))
     run_id = processed_run(deps, tmp_path / "studies")

@@ -2,7 +2,7 @@
 
 Delivery is a separate step after the result is committed, so a PACS outage never loses
 a result. The plain functions here are called by the Celery task ``ichvol.deliver``
-(:mod:`worker.delivery_tasks`), by ``ichvol redeliver`` and by the embedded runner.
+(:mod:`worker.tasks.deliver`), by ``ichvol redeliver`` and by the embedded runner.
 
 State machine (table ``deliveries``, one row per (run, target))::
 

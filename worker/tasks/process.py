@@ -43,7 +43,7 @@ def process_run_task(self: Any, run_id: int) -> dict[str, Any]:
     if not outcome.skipped:
         runtime.record_processed(succeeded=outcome.state == "succeeded")
     if settings.pacs_targets and (outcome.state == "succeeded" or outcome.skipped):
-        from worker.delivery_tasks import enqueue_delivery  # after the commit; sends pending deliveries only
+        from worker.tasks.deliver import enqueue_delivery  # after the commit; sends pending deliveries only
 
         enqueue_delivery(run_id=int(run_id), deps=deps)
     return {
