@@ -149,7 +149,7 @@ def make_bench_model(path: Path, *, dims: int, input_size: int, seed: int = 0) -
 
 def make_study(study_dir: Path, *, size: int, n_slices: int, seed: int = 7) -> Path:
     """A phantom head CT study (DICOM) with one hematoma: ``n_slices`` of ``size x size``, 5 mm."""
-    from worker.phantom import LesionSpec, PhantomSpec, generate_study
+    from worker.synth.phantom import LesionSpec, PhantomSpec, generate_study
 
     if (study_dir / "truth").is_dir():
         return study_dir

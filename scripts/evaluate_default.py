@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from worker.measure.pipeline import SegmentationOptions, segment_study
     from worker.model.networks import load_segmenter
-    from worker.phantom import LesionSpec, PhantomSpec, generate_study
+    from worker.synth.phantom import LesionSpec, PhantomSpec, generate_study
 
     segmenter = load_segmenter(args.model)
     options = SegmentationOptions()

@@ -93,7 +93,7 @@ def _segment(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _add_phantom(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    from worker.phantom import add_phantom_arguments
+    from worker.synth.phantom import add_phantom_arguments
 
     p = sub.add_parser("phantom", help="write a synthetic head-CT study with known hematoma truth")
     add_phantom_arguments(p)
@@ -101,7 +101,7 @@ def _add_phantom(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
 
 
 def _run_phantom(args: argparse.Namespace) -> int:
-    from worker.phantom import run_phantom_command
+    from worker.synth.phantom import run_phantom_command
 
     return run_phantom_command(args)
 
@@ -142,8 +142,8 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg
 def _demo(args: argparse.Namespace, settings: Settings) -> int:
     import shutil
 
-    from worker.demo import make_demo_bucket
     from worker.overnight.local import format_table, local_settings, run_local
+    from worker.synth.demo import make_demo_bucket
 
     root = args.dir.resolve()
     bucket = root / "bucket"

@@ -74,7 +74,7 @@ from worker.model import framework, preprocess
 from worker.training import SliceArrays, finish_dataset
 
 if TYPE_CHECKING:
-    from worker.phantom import PhantomSpec
+    from worker.synth.phantom import PhantomSpec
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +109,7 @@ def random_spec(rng: np.random.Generator) -> PhantomSpec:
     Pixel spacing 0.4-1.0 mm on 256-512 pixel slices, slice thickness 2.5-7 mm, gantry tilt
     up to 20 degrees, noise 3-9 HU, every lesion kind including none, volumes 1-80 mL.
     """
-    from worker.phantom import LesionSpec, PhantomSpec
+    from worker.synth.phantom import LesionSpec, PhantomSpec
 
     kinds = LESION_MIXES[int(rng.integers(len(LESION_MIXES)))]
     lesions = []
@@ -143,7 +143,7 @@ def phantom_slices(
     Study ``i`` uses seed ``seed * 100_003 + i`` and a varied geometry and lesion mix, so
     the set is reproducible and a patient-level split is possible (one study = one patient).
     """
-    from worker.phantom import render_hu
+    from worker.synth.phantom import render_hu
 
     rng = np.random.default_rng(seed)
     images: list[np.ndarray] = []

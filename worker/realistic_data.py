@@ -48,10 +48,10 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
-from worker.domain_randomization import random_view, randomize_appearance
-from worker.lesion_insertion import insert_lesions
 from worker.measure.postprocess import intracranial_mask
 from worker.model import preprocess
+from worker.synth.domain_randomization import random_view, randomize_appearance
+from worker.synth.lesion_insertion import insert_lesions
 from worker.training import SliceArrays, finish_dataset
 
 log = logging.getLogger(__name__)
@@ -173,7 +173,7 @@ def real_background_sample(
 
 
 def _finish(hu: F32, mask: U8, intracranial: U8, pixel_mm: float, *, rng: np.random.Generator) -> tuple[U8, U8]:
-    from worker.domain_randomization import View
+    from worker.synth.domain_randomization import View
 
     unit = randomize_appearance(View(hu=hu, mask=mask, intracranial=intracranial, pixel_mm=pixel_mm), rng=rng)
     image = np.clip(np.rint((unit + 1.0) * 127.5), 0, 255).astype(np.uint8)
@@ -185,7 +185,7 @@ def _finish(hu: F32, mask: U8, intracranial: U8, pixel_mm: float, *, rng: np.ran
 
 def random_phantom_spec(rng: np.random.Generator) -> Any:
     """A whole-range phantom study: shoulders/neck to vertex, realistic options, 0-2 lesions."""
-    from worker.phantom import LesionSpec, PhantomSpec
+    from worker.synth.phantom import LesionSpec, PhantomSpec
 
     kinds = tuple(PHANTOM_KIND_VOLUMES_ML)
     n_lesions = int(rng.choice([0, 1, 1, 1, 2]))
@@ -219,7 +219,7 @@ def random_phantom_spec(rng: np.random.Generator) -> Any:
 
 def render_random_phantom(seed: int) -> tuple[F32, U8, tuple[float, float]]:
     """HU and mask of a random phantom study (a new seed is tried when its lesions do not fit)."""
-    from worker.phantom import render_hu
+    from worker.synth.phantom import render_hu
 
     for attempt in range(20):
         study_seed = seed * 1000 + attempt

@@ -23,7 +23,7 @@ from tests.helpers.worker_process import CeleryWorker, run_scheduler_once
 from worker.core.settings import Settings
 from worker.infra import db
 from worker.infra.tables import Result, Run, RunState, Study
-from worker.phantom import LesionSpec, PhantomSpec, generate_study
+from worker.synth.phantom import LesionSpec, PhantomSpec, generate_study
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration, pytest.mark.slow]
 

@@ -31,7 +31,7 @@ from worker.delivery.dicomweb import DicomwebClient
 from worker.infra import db
 from worker.infra.tables import Delivery, DeliveryState, Result, Run, RunState, Study
 from worker.outputs.sr import read_volume_report
-from worker.phantom import LesionSpec, PhantomSpec, generate_study
+from worker.synth.phantom import LesionSpec, PhantomSpec, generate_study
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration, pytest.mark.slow]
 

@@ -743,7 +743,7 @@ PHI_BIRTH_DATES = ("19230417", "19311129", "19470302", "19580813", "19690925")
 def phantom_spec(index: int, *, n_slices: int = 6, **overrides: Any) -> Any:
     """A tiny phantom (32x32 pixels of 7 mm, ``n_slices`` slices of 7 mm) with one acute
     hematoma; patient name and birth date cycle through :data:`PHI_NAMES`/:data:`PHI_BIRTH_DATES`."""
-    from worker.phantom import LesionSpec, PhantomSpec
+    from worker.synth.phantom import LesionSpec, PhantomSpec
 
     values: dict[str, Any] = {
         "rows": 32,
@@ -764,7 +764,7 @@ def phantom_spec(index: int, *, n_slices: int = 6, **overrides: Any) -> Any:
 
 def generate_phantoms(out_dir: Path, n: int, *, first: int = 0, **spec_overrides: Any) -> dict[str, Path]:
     """``n`` phantom studies ``study-<i>`` in ``out_dir`` (truth files beside, not inside)."""
-    from worker.phantom import generate_study
+    from worker.synth.phantom import generate_study
 
     studies: dict[str, Path] = {}
     for i in range(first, first + n):

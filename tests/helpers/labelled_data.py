@@ -8,7 +8,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from worker.phantom import LesionSpec, PhantomSpec, PhantomTruth, generate_study
+from worker.synth.phantom import LesionSpec, PhantomSpec, PhantomTruth, generate_study
 
 # Lesion kinds and volumes (mL) cycled over the studies; None: a study without blood.
 # Large lesions keep 64 x 64 phantoms learnable in a few hundred steps.

@@ -10,7 +10,7 @@ import numpy as np
 import numpy.typing as npt
 import pydicom
 
-from worker.phantom import LesionSpec, PhantomSpec, render_phantom
+from worker.synth.phantom import LesionSpec, PhantomSpec, render_phantom
 
 # A lesion centre (LPS mm, head centre at the origin) deep in the left hemisphere
 # that holds lesions up to 60 mL for every seed's head.

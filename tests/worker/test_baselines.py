@@ -89,7 +89,7 @@ def test_active_contour_without_a_seed_finds_nothing() -> None:
 
 
 def test_both_baselines_on_a_phantom_with_their_own_intracranial_mask() -> None:
-    from worker.phantom import LesionSpec, PhantomSpec, render_hu
+    from worker.synth.phantom import LesionSpec, PhantomSpec, render_hu
 
     spec = PhantomSpec(
         rows=96,

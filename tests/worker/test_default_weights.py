@@ -23,7 +23,7 @@ from worker.model.weights import (
     resolve_model_path,
     sha256_of,
 )
-from worker.phantom import LesionSpec, PhantomSpec, generate_study
+from worker.synth.phantom import LesionSpec, PhantomSpec, generate_study
 
 MAX_WEIGHTS_BYTES = 25 * 1024 * 1024
 DEFAULT_VERSION_PREFIX = "drunet-d8-s160-realistic"

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from worker.ct_artifacts import beam_hardening_streaks
-from worker.domain_randomization import RandomizationConfig, View, random_view, randomize_appearance
+from worker.synth.ct_artifacts import beam_hardening_streaks
+from worker.synth.domain_randomization import RandomizationConfig, View, random_view, randomize_appearance
 
 
 def _slice(size: int = 128, spacing: float = 1.5) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -205,7 +205,7 @@ PHANTOM_SEEDS = (1, 2, 3, 4)
 
 @pytest.fixture(scope="module")
 def phantom_studies(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
-    from worker.phantom import LesionSpec, PhantomSpec, generate_study
+    from worker.synth.phantom import LesionSpec, PhantomSpec, generate_study
 
     root = tmp_path_factory.mktemp("phantoms")
     studies = []

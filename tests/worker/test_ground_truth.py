@@ -16,7 +16,7 @@ from worker.imaging.dicom_load import load_study, read_source_headers
 from worker.imaging.ground_truth import find_truth_source, load_truth_mask
 from worker.imaging.series_selection import SelectionRules
 from worker.outputs import mask_files as outputs
-from worker.phantom import LesionSpec, PhantomSpec, PhantomTruth, generate_study
+from worker.synth.phantom import LesionSpec, PhantomSpec, PhantomTruth, generate_study
 
 SPEC = PhantomSpec(
     rows=48,

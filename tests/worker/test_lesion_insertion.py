@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from worker.lesion_insertion import (
+from worker.synth.lesion_insertion import (
     ACUTE_HU,
     DARK_HU,
     brain_regions,

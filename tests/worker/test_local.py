@@ -8,8 +8,8 @@ import pytest
 
 from tests.helpers.segmenters import HuBandSegmenter
 from worker.core.settings import Settings
-from worker.demo import make_demo_bucket
 from worker.overnight.local import format_table, local_settings, run_local
+from worker.synth.demo import make_demo_bucket
 
 
 def test_demo_bucket_is_processed_like_the_overnight_pipeline(tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ import pydicom
 import pytest
 
 from tests.helpers.phantom import ellipsoid_volume_error_pct, hu_from_dataset, read_series, voxel_centres_mm
-from worker.phantom import (
+from worker.synth.phantom import (
     DISCLAIMER,
     LesionSpec,
     PhantomSpec,
@@ -27,15 +27,15 @@ from worker.phantom import (
     render_phantom,
     run_phantom_command,
 )
-from worker.phantom_anatomy import HeadModel
-from worker.phantom_geometry import (
+from worker.synth.phantom.anatomy import HeadModel
+from worker.synth.phantom.geometry import (
     Ellipsoid,
     SampleGrid,
     ellipsoid_union_volume_mm3,
     rotation_from_angles,
     slab_thickness_mm,
 )
-from worker.phantom_lesions import (
+from worker.synth.phantom.lesions import (
     BLOOD_HU_RANGE,
     RIM_HU_RANGE,
     ExtraAxialLesion,
@@ -43,7 +43,7 @@ from worker.phantom_lesions import (
     LobulatedLesion,
     VentricularLesion,
 )
-from worker.phantom_placement import build_lesion
+from worker.synth.phantom.placement import build_lesion
 
 GE_GAPS_MM = (4.0,) * 13 + (1.08,) + (7.0,) * 13  # the real GE head CT's spacing along the normal
 

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 
 from worker import realistic_data
-from worker.phantom import LesionSpec, PhantomSpec
 from worker.realistic_data import (
     BackgroundSlice,
     SyntheticConfig,
@@ -20,6 +19,7 @@ from worker.realistic_data import (
     real_background_sample,
     validation_slices,
 )
+from worker.synth.phantom import LesionSpec, PhantomSpec
 
 
 def _background(size: int = 128, spacing: float = 1.6) -> BackgroundSlice:

@@ -2,8 +2,8 @@
 
 Research use only, not for clinical use.
 
-A phantom is a normal head (:mod:`worker.phantom_anatomy`) with zero or more hematomas
-(:mod:`worker.phantom_lesions`), both continuous functions of patient position (LPS,
+A phantom is a normal head (:mod:`worker.synth.phantom.anatomy`) with zero or more hematomas
+(:mod:`worker.synth.phantom.lesions`), both continuous functions of patient position (LPS,
 mm), sampled on the voxel centres of an axial series that may be tilted (rotation about
 the patient x axis, ImageOrientationPatient ``[1,0,0, 0,cos t,-sin t]``) and unevenly
 spaced. A voxel is hematoma when its centre lies inside a lesion.
@@ -27,12 +27,12 @@ import argparse
 import sys
 from pathlib import Path
 
-from worker.phantom_dicom import TRANSFER_SYNTAXES
-from worker.phantom_geometry import PhantomGeometry
-from worker.phantom_lesions import KINDS, LesionSpec
-from worker.phantom_render import RenderedPhantom, render_hu, render_phantom
-from worker.phantom_spec import DISCLAIMER, EXTRA_SERIES, PhantomSpec
-from worker.phantom_study import PhantomTruth, generate_batch, generate_study
+from worker.synth.phantom.dicom import TRANSFER_SYNTAXES
+from worker.synth.phantom.geometry import PhantomGeometry
+from worker.synth.phantom.lesions import KINDS, LesionSpec
+from worker.synth.phantom.render import RenderedPhantom, render_hu, render_phantom
+from worker.synth.phantom.spec import DISCLAIMER, EXTRA_SERIES, PhantomSpec
+from worker.synth.phantom.study import PhantomTruth, generate_batch, generate_study
 
 __all__ = [
     "DISCLAIMER",

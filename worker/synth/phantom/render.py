@@ -15,11 +15,11 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from worker.phantom_anatomy import HeadModel
-from worker.phantom_geometry import PhantomGeometry, SampleGrid, slab_thickness_mm
-from worker.phantom_lesions import Lesion
-from worker.phantom_placement import build_lesions
-from worker.phantom_spec import DEFAULT_SLICES, MAX_VOXELS, PhantomSpec
+from worker.synth.phantom.anatomy import HeadModel
+from worker.synth.phantom.geometry import PhantomGeometry, SampleGrid, slab_thickness_mm
+from worker.synth.phantom.lesions import Lesion
+from worker.synth.phantom.placement import build_lesions
+from worker.synth.phantom.spec import DEFAULT_SLICES, MAX_VOXELS, PhantomSpec
 
 # Independent random streams: the head and lesions do not depend on the grid, so one
 # seed gives the same head and lesions on any geometry.
@@ -271,7 +271,7 @@ def render_on_grid(
     ``slab_offsets_mm``: the HU are the mean over planes moved by these offsets along the
     normal (partial volume across the slice thickness); the labels are always those of the
     voxel centres (offset 0), the truth contract. ``beam_hardening``: streak strength
-    (:func:`worker.ct_artifacts.beam_hardening_streaks`, per slice, before noise).
+    (:func:`worker.synth.ct_artifacts.beam_hardening_streaks`, per slice, before noise).
     ``mass_effect``: see :func:`mass_effect_grid`.
     """
     hu = np.zeros(grid.shape, dtype=np.float32)
@@ -293,7 +293,7 @@ def render_on_grid(
     if partial_volume_mm > 0:
         hu, _ = blur_in_plane(hu, sigma_mm=partial_volume_mm, pixel_spacing_mm=pixel_spacing_mm)
     if beam_hardening > 0:
-        from worker.ct_artifacts import beam_hardening_streaks
+        from worker.synth.ct_artifacts import beam_hardening_streaks
 
         pixel_mm = float(math.sqrt(pixel_spacing_mm[0] * pixel_spacing_mm[1]))
         for k in range(hu.shape[0]):

@@ -5,7 +5,7 @@ Research use only, not for clinical use.
 Real head CTs run from the vertex down through the skull base, often into the neck and
 shoulders; that lower range is where a model trained on the upper head finds false
 "blood" (muscles are 40-60 HU, dense bone casts dark streaks, the globes and the clivus
-sit next to bright bone). :class:`SkullBase` adds it to :class:`worker.phantom_anatomy.HeadModel`:
+sit next to bright bone). :class:`SkullBase` adds it to :class:`worker.synth.phantom.anatomy.HeadModel`:
 
 * the cranial floor as a height map ``floor_mm(x, y)`` (relative to the head centre):
   anterior fossa high (orbital roofs), middle fossae low (temporal lobes), the sella and
@@ -24,7 +24,7 @@ sit next to bright bone). :class:`SkullBase` adds it to :class:`worker.phantom_a
   CSF) and, low down, clavicles and humeral heads.
 
 Everything is a continuous function of patient position; axes as in
-:mod:`worker.phantom_anatomy` (x left, y posterior, z superior; mm relative to the inner
+:mod:`worker.synth.phantom.anatomy` (x left, y posterior, z superior; mm relative to the inner
 table's centre, scaled with the head).
 """
 
@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from worker.phantom_geometry import SampleGrid
+from worker.synth.phantom.geometry import SampleGrid
 
 FloatA = npt.NDArray[np.floating]
 AIR_HU = -1000.0

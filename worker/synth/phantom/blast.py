@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from worker.phantom_geometry import F64, BoolArray, SampleGrid, Vec3
-from worker.phantom_lesions import MM3_PER_ML, BloodDensity, LesionSpec
+from worker.synth.phantom.geometry import F64, BoolArray, SampleGrid, Vec3
+from worker.synth.phantom.lesions import MM3_PER_ML, BloodDensity, LesionSpec
 
 
 @dataclass(frozen=True, eq=False)

@@ -36,8 +36,8 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
-from worker.ct_artifacts import beam_hardening_streaks
-from worker.lesion_insertion import smooth_noise
+from worker.synth.ct_artifacts import beam_hardening_streaks
+from worker.synth.lesion_insertion import smooth_noise
 
 F32 = npt.NDArray[np.float32]
 U8 = npt.NDArray[np.uint8]

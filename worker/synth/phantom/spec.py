@@ -5,12 +5,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from worker.phantom_dicom import (
+from worker.synth.phantom.dicom import (
     TRANSFER_SYNTAXES,
     StoredFormat,
     stored_format,
 )
-from worker.phantom_lesions import LesionSpec
+from worker.synth.phantom.lesions import LesionSpec
 
 DISCLAIMER = "Synthetic phantom. Research use only, not for clinical use."
 GENERATOR_NAME = "ichvol-phantom"

@@ -10,7 +10,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from worker.phantom import LesionSpec, PhantomSpec, generate_study
+from worker.synth.phantom import LesionSpec, PhantomSpec, generate_study
 
 MARKER = "_COMPLETE"
 

@@ -17,9 +17,9 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from worker.phantom_anatomy import HeadModel
-from worker.phantom_blast import LabelMapLesion, label_map_lesion
-from worker.phantom_geometry import (
+from worker.synth.phantom.anatomy import HeadModel
+from worker.synth.phantom.blast import LabelMapLesion, label_map_lesion
+from worker.synth.phantom.geometry import (
     F64,
     Ellipsoid,
     Mat3,
@@ -29,7 +29,7 @@ from worker.phantom_geometry import (
     ellipsoid_union_volume_mm3,
     rotation_from_angles,
 )
-from worker.phantom_lesions import (
+from worker.synth.phantom.lesions import (
     INSIDE_MARGIN_MM,
     KINDS,
     MM3_PER_ML,

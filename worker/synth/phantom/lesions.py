@@ -8,7 +8,7 @@ computed from the continuous shape, never from an image grid:
 * ``round`` -- an ellipsoid: closed form ``4/3 pi a b c``;
 * ``irregular`` -- a union of 3-5 ellipsoids (lobes): integrated exactly along z and by
   the midpoint rule on a 0.1 mm ``(x, y)`` lattice (error < 0.02 %, see
-  :func:`worker.phantom_geometry.ellipsoid_union_volume_mm3`);
+  :func:`worker.synth.phantom.geometry.ellipsoid_union_volume_mm3`);
 * ``intraventricular`` -- blood layering in the dependent (posterior, +y) part of a
   lateral ventricle: ``union(ventricle ellipsoids) and y >= level, minus calcifications``,
   integrated the same way;
@@ -35,8 +35,8 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
-from worker.phantom_anatomy import InnerTable
-from worker.phantom_geometry import (
+from worker.synth.phantom.anatomy import InnerTable
+from worker.synth.phantom.geometry import (
     F64,
     BoolArray,
     Ellipsoid,

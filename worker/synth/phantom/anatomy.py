@@ -15,7 +15,7 @@ into bone.
 Typical values (from a real GE head CT and textbook ranges): air -1000 HU, scalp ~40,
 subcutaneous fat ~-90, cortical tables ~1400-1700, diploe ~350-600, grey matter ~40,
 white matter ~29, CSF ~3-10, falx ~70, calcified choroid plexus / pineal 120-300.
-With ``skull_base`` (:class:`worker.phantom_skull_base.SkullBase`, the default of
+With ``skull_base`` (:class:`worker.synth.phantom.skull_base.SkullBase`, the default of
 :meth:`HeadModel.from_rng`) the inner table reaches deeper and a cranial floor cuts it:
 anterior, middle and posterior fossae, petrous ridges, the brainstem, fourth ventricle,
 cerebellar folia and basal cisterns above it; skull-base bone, the face, the neck and the
@@ -31,8 +31,8 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from worker.phantom_geometry import BoolArray, Ellipsoid, SampleGrid, Vec3
-from worker.phantom_skull_base import SkullBase
+from worker.synth.phantom.geometry import BoolArray, Ellipsoid, SampleGrid, Vec3
+from worker.synth.phantom.skull_base import SkullBase
 
 FloatA = npt.NDArray[np.floating]
 AIR_HU = -1000.0

@@ -19,7 +19,7 @@ import numpy.typing as npt
 from pydicom.uid import SecondaryCaptureImageStorage, generate_uid
 
 import worker
-from worker.phantom_dicom import (
+from worker.synth.phantom.dicom import (
     TRANSFER_SYNTAXES,
     ImagePlane,
     SeriesHeader,
@@ -27,9 +27,9 @@ from worker.phantom_dicom import (
     build_image,
     write_image,
 )
-from worker.phantom_geometry import PhantomGeometry, SampleGrid
-from worker.phantom_lesions import LesionSpec
-from worker.phantom_render import (
+from worker.synth.phantom.geometry import PhantomGeometry, SampleGrid
+from worker.synth.phantom.lesions import LesionSpec
+from worker.synth.phantom.render import (
     STREAM_FILES,
     STREAM_NOISE_SCOUT,
     STREAM_NOISE_THIN,
@@ -40,7 +40,7 @@ from worker.phantom_render import (
     slice_positions_mm,
     stream_rng,
 )
-from worker.phantom_spec import DISCLAIMER, GENERATOR_NAME, PhantomSpec
+from worker.synth.phantom.spec import DISCLAIMER, GENERATOR_NAME, PhantomSpec
 
 
 @dataclass(frozen=True)
