@@ -25,7 +25,7 @@ if str(REPO_ROOT) not in sys.path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from worker.training import average_weights
+    from worker.research.training import average_weights
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("first", type=Path)

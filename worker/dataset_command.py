@@ -1,6 +1,6 @@
 """``ichvol dataset``: labelled 2-D images or CT studies to a prepared TFRecord dataset.
 
-The command-line front of :func:`worker.datasets.prepare_dataset`; the format, the
+The command-line front of :func:`worker.research.datasets.prepare_dataset`; the format, the
 windowing and the patient split are documented there.
 """
 
@@ -66,10 +66,10 @@ def add_dataset_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_dataset_command(args: argparse.Namespace, settings: Settings) -> int:
-    from worker import datasets
     from worker.core.errors import ConfigurationError
     from worker.model import framework
-    from worker.training import DEFAULT_HU_WINDOW
+    from worker.research import datasets
+    from worker.research.training import DEFAULT_HU_WINDOW
 
     framework.set_threads(settings.inference_threads)
     if args.studies is not None and (args.images is not None or args.masks is not None):

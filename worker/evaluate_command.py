@@ -1,4 +1,4 @@
-"""``ichvol evaluate``: the command-line front of :mod:`worker.evaluation` (light to import)."""
+"""``ichvol evaluate``: the command-line front of :mod:`worker.research.evaluation` (light to import)."""
 
 from __future__ import annotations
 
@@ -38,11 +38,11 @@ def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_evaluate_command(args: argparse.Namespace, settings: Settings) -> int:
-    from worker import metrics
-    from worker.evaluation import DEFAULT_METHODS, evaluate
     from worker.measure.pipeline import SegmentationOptions
     from worker.model import framework
     from worker.model.networks import LazySegmenter
+    from worker.research import metrics
+    from worker.research.evaluation import DEFAULT_METHODS, evaluate
 
     framework.set_threads(settings.inference_threads)
     if args.methods is None:

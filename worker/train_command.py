@@ -84,8 +84,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
 
 def _prepared_sources(args: argparse.Namespace) -> tuple[Any, Any, tuple[float, float], int, str]:
     """Training and validation splits of prepared datasets, their window, size and a description."""
-    from worker import datasets
     from worker.core.errors import ConfigurationError
+    from worker.research import datasets
 
     data = datasets.read_dataset(args.data)
     train_split = data.split("train")
@@ -125,10 +125,10 @@ def _prepared_sources(args: argparse.Namespace) -> tuple[Any, Any, tuple[float, 
 
 
 def run_train_command(args: argparse.Namespace, settings: Settings) -> int:
-    from worker import datasets
     from worker.core.errors import ConfigurationError
     from worker.model import framework
-    from worker.training import DEFAULT_HU_WINDOW, TrainConfig, split_by_patient, train
+    from worker.research import datasets
+    from worker.research.training import DEFAULT_HU_WINDOW, TrainConfig, split_by_patient, train
 
     framework.set_threads(settings.inference_threads)
     if args.val_data is not None and args.data is None:
@@ -138,7 +138,7 @@ def run_train_command(args: argparse.Namespace, settings: Settings) -> int:
     if args.data is not None:
         train_data, val_data, window, input_size, description = _prepared_sources(args)
     elif args.synthetic == "realistic":
-        from worker import realistic_data
+        from worker.research import realistic_data
 
         input_size = args.input_size or 256
         window = DEFAULT_HU_WINDOW

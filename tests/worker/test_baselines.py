@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from worker import baselines
-from worker.metrics import confusion, overlap_scores
+from worker.research import baselines
+from worker.research.metrics import confusion, overlap_scores
 
 
 def _head(

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 
 from tests.helpers.labelled_data import write_image_folders, write_phantom_studies
-from worker import datasets
 from worker.core.errors import ErrorCode, StudyError
 from worker.imaging.dicom_load import load_study
 from worker.imaging.series_selection import SelectionRules
 from worker.model import preprocess
+from worker.research import datasets
 
 WINDOW = (-20.0, 100.0)
 

@@ -13,9 +13,10 @@ import pytest
 
 from tests.helpers.labelled_data import write_phantom_studies
 from tests.helpers.segmenters import HuBandSegmenter
-from worker import cli, metrics
-from worker.evaluation import evaluate
-from worker.report import FIGURES
+from worker import cli
+from worker.research import metrics
+from worker.research.evaluation import evaluate
+from worker.research.report import FIGURES
 
 REPORT_FILES = (
     "report.html",

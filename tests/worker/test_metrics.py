@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from worker import metrics
+from worker.research import metrics
 
 
 def _masks() -> tuple[np.ndarray, np.ndarray]:

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from worker import realistic_data
-from worker.realistic_data import (
+from worker.research import realistic_data
+from worker.research.realistic_data import (
     BackgroundSlice,
     SyntheticConfig,
     UInt8Slices,

@@ -7,8 +7,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from worker import metrics, report
 from worker.core.ct import DISCLAIMER
+from worker.research import metrics, report
 
 
 def _data(n: int = 5, *, study: str = "case-1", nan: bool = True) -> report.ReportData:

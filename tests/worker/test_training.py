@@ -16,10 +16,11 @@ import numpy as np
 import pytest
 
 from tests.helpers.labelled_data import write_phantom_studies
-from worker import cli, training
+from worker import cli
 from worker.core.errors import ConfigurationError
 from worker.model.weights import read_model_info
-from worker.training import SliceArrays, TrainConfig, make_dataset, split_by_patient, train
+from worker.research import training
+from worker.research.training import SliceArrays, TrainConfig, make_dataset, split_by_patient, train
 
 
 def _discs(n: int = 16, size: int = 32, patients: int = 4, seed: int = 0) -> SliceArrays:
@@ -141,8 +142,8 @@ def test_a_short_cpu_run_on_phantom_studies_beats_the_baseline(tmp_path: Path) -
     momentum 0.5, 8 x 40 steps) were chosen on three weight seeds, whose best validation
     Dice were 0.93, 0.94 and 0.90 (final loss 0.24-0.27 of the first epoch's).
     """
-    from worker import datasets
     from worker.model.networks import load_segmenter
+    from worker.research import datasets
 
     write_phantom_studies(tmp_path / "studies", 12, size=64, slices=12)
     dataset_dir, out, work = tmp_path / "dataset", tmp_path / "drunet.keras", tmp_path / "work"
@@ -226,7 +227,8 @@ def test_a_short_cpu_run_on_phantom_studies_beats_the_baseline(tmp_path: Path) -
 
 def test_ichvol_train_takes_size_window_and_splits_from_prepared_data(tmp_path: Path) -> None:
     from tests.helpers.labelled_data import write_image_folders
-    from worker import datasets, train_command
+    from worker import train_command
+    from worker.research import datasets
 
     images, masks = write_image_folders(tmp_path, patients=4, slices=2)
 

@@ -11,7 +11,7 @@ Data are :class:`SliceArrays`: images ``(n, S, S)`` float32 already windowed to
 [-1, 1] (see :mod:`worker.model.preprocess`), masks ``(n, S, S)`` uint8 in {0, 1}, and the
 patient each slice came from (splits are by patient, never by slice); or any
 :class:`TrainingSource`, such as a split of a prepared TFRecord dataset
-(:class:`worker.datasets.DatasetSplit`), streamed from disk. Validation data are held in
+(:class:`worker.research.datasets.DatasetSplit`), streamed from disk. Validation data are held in
 memory (a source is loaded with its ``load_arrays``).
 
 Short runs and BatchNorm: Keras' BatchNormalization keeps moving statistics with momentum

@@ -71,7 +71,7 @@ from worker.core.ct import DISCLAIMER
 from worker.core.errors import ErrorCode, StudyError
 from worker.imaging.image_io import IMAGE_SUFFIXES, read_grey_uint8
 from worker.model import framework, preprocess
-from worker.training import SliceArrays, finish_dataset
+from worker.research.training import SliceArrays, finish_dataset
 
 if TYPE_CHECKING:
     from worker.synth.phantom import PhantomSpec
@@ -468,7 +468,7 @@ class DatasetSplit:
     def tf_dataset(self, *, batch_size: int, shuffle: bool, augment: bool, seed: int, repeat: bool = False) -> Any:
         """Shards interleaved (order shuffled with ``seed``), records shuffled, augmented, batched, prefetched.
 
-        Deterministic under ``seed`` like :func:`worker.training.make_dataset`.
+        Deterministic under ``seed`` like :func:`worker.research.training.make_dataset`.
         """
         tf = framework.tf()
         if not self.paths:

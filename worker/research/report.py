@@ -8,7 +8,7 @@ Figures (PNG, written into the report folder; :data:`FIGURES` names them):
     The paper's Fig. 1A: box plots of Dice, Jaccard, sensitivity and precision per method,
     one value per hematoma slice (slices whose truth holds hematoma; undefined values, such
     as the precision of a slice where nothing was predicted, are left out; see
-    :mod:`worker.metrics`). Boxes: quartiles; whiskers: 1.5 IQR; the mean as a triangle.
+    :mod:`worker.research.metrics`). Boxes: quartiles; whiskers: 1.5 IQR; the mean as a triangle.
 ``fig2_volume_correlation.png``
     The paper's Fig. 2 (left): predicted against true volume (mL) per patient for DR-UNet,
     UNet and ABC/2, the identity line, the least-squares line, RMSE and R^2.
@@ -37,7 +37,7 @@ import numpy as np
 import numpy.typing as npt
 
 from worker.core.ct import DISCLAIMER
-from worker.metrics import METRIC_NAMES, Summary, VolumeAgreement
+from worker.research.metrics import METRIC_NAMES, Summary, VolumeAgreement
 
 __all__ = [
     "FIGURES",

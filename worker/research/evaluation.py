@@ -57,12 +57,12 @@ import numpy as np
 import numpy.typing as npt
 
 import worker
-from worker import baselines, metrics, report
 from worker.core.ct import DISCLAIMER, CtSeries
 from worker.core.errors import ConfigurationError, ErrorCode, StudyError
 from worker.measure import postprocess, volume
 from worker.measure.pipeline import SegmentationOptions, segment_study
 from worker.model.weights import Segmenter
+from worker.research import baselines, metrics, report
 
 log = logging.getLogger(__name__)
 
@@ -290,7 +290,7 @@ def evaluate(
     overlays need it; ``unet`` needs ``unet``). Raises :class:`StudyError` when no study at
     all could be evaluated.
     """
-    from worker.datasets import find_studies
+    from worker.research.datasets import find_studies
 
     unknown = [m for m in methods if m not in DEFAULT_METHODS]
     if unknown:
