@@ -16,16 +16,15 @@ import pydicom
 import pytest
 
 from tests.helpers.phantom import ellipsoid_volume_error_pct, hu_from_dataset, read_series, voxel_centres_mm
+from worker.cli.phantom import add_phantom_arguments, run_phantom_command
 from worker.synth.phantom import (
     DISCLAIMER,
     LesionSpec,
     PhantomSpec,
-    add_phantom_arguments,
     generate_batch,
     generate_study,
     render_hu,
     render_phantom,
-    run_phantom_command,
 )
 from worker.synth.phantom.anatomy import HeadModel
 from worker.synth.phantom.geometry import (

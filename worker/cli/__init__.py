@@ -93,7 +93,7 @@ def _segment(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _add_phantom(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    from worker.synth.phantom import add_phantom_arguments
+    from worker.cli.phantom import add_phantom_arguments
 
     p = sub.add_parser("phantom", help="write a synthetic head-CT study with known hematoma truth")
     add_phantom_arguments(p)
@@ -101,7 +101,7 @@ def _add_phantom(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
 
 
 def _run_phantom(args: argparse.Namespace) -> int:
-    from worker.synth.phantom import run_phantom_command
+    from worker.cli.phantom import run_phantom_command
 
     return run_phantom_command(args)
 
@@ -248,23 +248,23 @@ class ModuleCommand:
 
 
 MODULE_COMMANDS = (
-    ModuleCommand("train", "train DR-UNet (or UNet) with BCE + Dice and Adam", "worker.train_command", "train"),
+    ModuleCommand("train", "train DR-UNet (or UNet) with BCE + Dice and Adam", "worker.cli.train", "train"),
     ModuleCommand(
         "dataset",
         "labelled 2-D images or CT studies to sharded TFRecords, split by patient",
-        "worker.dataset_command",
+        "worker.cli.dataset",
         "dataset",
     ),
     ModuleCommand(
         "evaluate",
         "the paper's metrics and figures on studies with ground truth (HTML report)",
-        "worker.evaluate_command",
+        "worker.cli.evaluate",
         "evaluate",
     ),
     ModuleCommand(
         "predict-images",
         "masks and overlays for windowed 8-bit slice images (PNG/JPEG)",
-        "worker.predict_images_command",
+        "worker.cli.predict_images",
         "predict_images",
     ),
     ModuleCommand(
@@ -273,7 +273,7 @@ MODULE_COMMANDS = (
     ModuleCommand(
         "redeliver",
         "send stored results to the PACS again (failed, pending or missing)",
-        "worker.redeliver",
+        "worker.cli.redeliver",
         "redeliver",
     ),
 )
