@@ -8,7 +8,7 @@ import cv2
 import numpy as np
 import pytest
 
-from worker.core.ct import DISCLAIMER
+from worker.core.notices import DISCLAIMER
 from worker.outputs.overlay import (
     CONTOUR_BGR,
     EMPTY_TILES,

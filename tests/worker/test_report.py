@@ -7,7 +7,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from worker.core.ct import DISCLAIMER
+from worker.core.notices import DISCLAIMER
 from worker.research import metrics, report
 
 

@@ -14,7 +14,7 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import Comprehensive3DSRStorage, SecondaryCaptureImageStorage
 
 from tests.helpers.pacs_results import BLOOD_VOLUME_ML, MeasuredStudy, measured_study
-from worker.core.ct import DISCLAIMER
+from worker.core.notices import DISCLAIMER
 from worker.outputs.sr import (
     OVERLAY_SERIES_DESCRIPTION,
     SR_SERIES_DESCRIPTION,

@@ -10,7 +10,7 @@ import pytest
 from sqlalchemy.orm import Session, sessionmaker
 
 from tests.helpers.trends import add_scan, at, session_for, trend_sessions, trend_url
-from worker.core.ct import DISCLAIMER
+from worker.core.notices import DISCLAIMER
 from worker.core.settings import Settings
 from worker.infra import db
 from worker.trends.views import (

@@ -14,8 +14,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from worker.core.ct import DISCLAIMER
 from worker.core.errors import IchvolError
+from worker.core.notices import DISCLAIMER
 from worker.core.settings import Settings
 
 log = logging.getLogger(__name__)

@@ -10,7 +10,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from worker.core.ct import DISCLAIMER
+from worker.core.notices import DISCLAIMER
 from worker.core.settings import Settings
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from worker.core.ct import DISCLAIMER
+from worker.core.notices import DISCLAIMER
 from worker.core.settings import Settings
 
 METHODS = ("drunet", "unet", "abc2", "fcm", "active_contour")

@@ -13,7 +13,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from worker.core.ct import DISCLAIMER
+from worker.core.notices import DISCLAIMER
 from worker.core.settings import Settings
 
 

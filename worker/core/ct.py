@@ -28,8 +28,6 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-DISCLAIMER = "Research use only, not for clinical use."
-
 FloatArray = npt.NDArray[np.float32]
 MaskArray = npt.NDArray[np.uint8]
 

@@ -31,8 +31,9 @@ from typing import Any
 import numpy as np
 
 from worker import __version__
-from worker.core.ct import DISCLAIMER, CtSeries, SeriesSelection
+from worker.core.ct import CtSeries, SeriesSelection
 from worker.core.errors import ErrorCode, StudyError
+from worker.core.notices import DISCLAIMER
 from worker.core.settings import Settings
 from worker.imaging import geometry
 from worker.imaging.dicom_load import load_study, read_source_headers

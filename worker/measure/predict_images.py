@@ -46,8 +46,8 @@ import numpy as np
 import numpy.typing as npt
 
 import worker
-from worker.core.ct import DISCLAIMER
 from worker.core.errors import ConfigurationError, StudyError
+from worker.core.notices import DISCLAIMER
 from worker.imaging.image_io import GreyImage, read_grey_uint8, sniff_format, write_png
 from worker.model import preprocess
 from worker.model.weights import Segmenter

@@ -56,8 +56,9 @@ import pydicom
 from pydicom.sr.codedict import codes
 
 import worker
-from worker.core.ct import DISCLAIMER, MaskArray
+from worker.core.ct import MaskArray
 from worker.core.errors import ErrorCode, StudyError
+from worker.core.notices import DISCLAIMER
 
 __all__ = [
     "SEG_SERIES_DESCRIPTION",

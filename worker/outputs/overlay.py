@@ -32,7 +32,7 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
-from worker.core.ct import DISCLAIMER
+from worker.core.notices import DISCLAIMER
 
 __all__ = ["CONTOUR_BGR", "brain_window_uint8", "header_lines", "select_slices", "write_overlay_png"]
 

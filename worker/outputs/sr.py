@@ -70,7 +70,7 @@ from highdicom.sr import CodedConcept
 from pydicom.sr.codedict import codes
 
 import worker
-from worker.core.ct import DISCLAIMER
+from worker.core.notices import DISCLAIMER
 
 __all__ = [
     "OVERLAY_SERIES_DESCRIPTION",

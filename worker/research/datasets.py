@@ -67,8 +67,8 @@ import numpy as np
 import numpy.typing as npt
 
 import worker
-from worker.core.ct import DISCLAIMER
 from worker.core.errors import ErrorCode, StudyError
+from worker.core.notices import DISCLAIMER
 from worker.imaging.image_io import IMAGE_SUFFIXES, read_grey_uint8
 from worker.model import framework, preprocess
 from worker.research.training import SliceArrays, finish_dataset

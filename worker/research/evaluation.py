@@ -57,8 +57,9 @@ import numpy as np
 import numpy.typing as npt
 
 import worker
-from worker.core.ct import DISCLAIMER, CtSeries
+from worker.core.ct import CtSeries
 from worker.core.errors import ConfigurationError, ErrorCode, StudyError
+from worker.core.notices import DISCLAIMER
 from worker.measure import postprocess, volume
 from worker.measure.pipeline import SegmentationOptions, segment_study
 from worker.model.weights import Segmenter

@@ -36,7 +36,7 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
-from worker.core.ct import DISCLAIMER
+from worker.core.notices import DISCLAIMER
 from worker.research.metrics import METRIC_NAMES, Summary, VolumeAgreement
 
 __all__ = [

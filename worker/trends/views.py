@@ -57,7 +57,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Session
 
-from worker.core.ct import DISCLAIMER
+from worker.core.notices import DISCLAIMER
 from worker.core.settings import Settings
 from worker.infra import db
 
