@@ -6,7 +6,7 @@ Run by :mod:`benchmarks.run` in a subprocess (threads are fixed at start)::
         --engines keras-predict,keras,folded,folded-bf16,onnx --peak --json out.json
 
 Engines: ``keras-predict`` is the plain ``model.predict`` path (the baseline of the
-targets); the others are :func:`worker.model.networks.load_segmenter` engines. Every engine sees
+targets); the others are :func:`worker.model.engines.load_segmenter` engines. Every engine sees
 the same ``(slices, S, S)`` float32 input in [-1, 1]; rounds are interleaved
 (:func:`benchmarks.common.time_rounds`). ``--seed-study DIR`` also times the seed's own
 processing path against ours on the same slices (see :func:`seed_path`).
@@ -53,7 +53,8 @@ def matmul_peak(*, n: int, rounds: int) -> dict[str, float]:
 def _engine_runner(
     name: str, model_path: Path, *, batch_size: int, threads: int, images: np.ndarray
 ) -> Callable[[], object]:
-    from worker.model.networks import load_keras_model, load_segmenter
+    from worker.model.engines import load_segmenter
+    from worker.model.networks import load_keras_model
 
     if name == "keras-predict":
         model = load_keras_model(model_path)
@@ -170,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.seed_study:
         from worker.imaging.dicom_load import load_study
         from worker.imaging.series_selection import SelectionRules
-        from worker.model.networks import load_segmenter
+        from worker.model.engines import load_segmenter
 
         series = load_study(args.seed_study, rules=SelectionRules())
         model = load_keras_model(args.model)

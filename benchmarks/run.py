@@ -52,7 +52,7 @@ ENGINES = ("keras-predict", "keras", "folded", "folded-bf16", "onnx")
 
 
 def machine() -> dict[str, Any]:
-    from worker.model.fold import cpu_has_bf16
+    from worker.model.cpu import cpu_has_bf16
 
     model = platform.processor() or "unknown"
     flags: set[str] = set()
@@ -235,7 +235,7 @@ def collect(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 
 def resolve_engine(engine: str) -> str:
     """The concrete engine name (``auto``: the one this CPU gets)."""
-    from worker.model.fold import resolve_engine as resolve
+    from worker.model.engines import resolve_engine as resolve
 
     return resolve(engine)
 

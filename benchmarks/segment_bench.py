@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from worker.measure.pipeline import segment_study
     from worker.model import framework
-    from worker.model.networks import load_segmenter
+    from worker.model.engines import load_segmenter
 
     framework.set_threads(args.threads)
     started = time.perf_counter()

@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from worker.measure.pipeline import SegmentationOptions, segment_study
-    from worker.model.networks import load_segmenter
+    from worker.model.engines import load_segmenter
     from worker.synth.phantom import LesionSpec, PhantomSpec, generate_study
 
     segmenter = load_segmenter(args.model)

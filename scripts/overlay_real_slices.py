@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from worker.imaging.image_io import IMAGE_SUFFIXES, read_grey_uint8
     from worker.model import preprocess
-    from worker.model.networks import load_segmenter
+    from worker.model.engines import load_segmenter
 
     if not args.images.is_dir():
         print(f"overlay_real_slices: {args.images} does not exist (see ../shared/data/README.md)", file=sys.stderr)

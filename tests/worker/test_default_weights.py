@@ -31,7 +31,7 @@ DEFAULT_VERSION_PREFIX = "drunet-d8-s160-realistic"
 
 @pytest.fixture(scope="module")
 def default_segmenter():  # type: ignore[no-untyped-def]
-    from worker.model.networks import load_segmenter
+    from worker.model.engines import load_segmenter
 
     return load_segmenter(None, batch_size=8)
 

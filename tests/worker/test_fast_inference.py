@@ -15,19 +15,11 @@ import numpy as np
 import pytest
 
 from worker.core.errors import ConfigurationError
-from worker.model.fold import (
-    Affine,
-    Concat,
-    Conv,
-    FoldedTfSegmenter,
-    OnnxSegmenter,
-    UnsupportedModelError,
-    cpu_has_bf16,
-    cpu_vendor,
-    fold_keras_model,
-    graph_to_onnx,
-    resolve_engine,
-)
+from worker.model.cpu import cpu_has_bf16, cpu_vendor
+from worker.model.engines import resolve_engine
+from worker.model.fold import Affine, Concat, Conv, UnsupportedModelError, fold_keras_model
+from worker.model.onnx_engine import OnnxSegmenter, graph_to_onnx
+from worker.model.tf_engine import FoldedTfSegmenter
 from worker.model.weights import ModelInfo
 
 FAST_ENGINES = ("folded", "folded-bf16", "onnx")
@@ -132,7 +124,8 @@ def test_a_model_with_an_unknown_layer_is_refused_and_the_loader_keeps_keras(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     from worker.model import framework
-    from worker.model.networks import KerasSegmenter, load_segmenter, save_model
+    from worker.model.engines import KerasSegmenter, load_segmenter
+    from worker.model.networks import save_model
 
     keras = framework.keras()
     inputs = keras.Input((16, 16, 1), name="ct")
@@ -143,7 +136,7 @@ def test_a_model_with_an_unknown_layer_is_refused_and_the_loader_keeps_keras(
     with pytest.raises(UnsupportedModelError, match="GaussianNoise"):
         fold_keras_model(model)
     path = save_model(model, tmp_path / "odd.keras", _info(16))
-    with caplog.at_level(logging.WARNING, logger="worker.model.networks"):
+    with caplog.at_level(logging.WARNING, logger="worker.model.engines"):
         segmenter = load_segmenter(path, engine="onnx")
     assert isinstance(segmenter, KerasSegmenter)
     assert "cannot run odd.keras" in caplog.text
@@ -166,7 +159,7 @@ def test_engine_names(caplog: pytest.LogCaptureFixture) -> None:
     assert resolve_engine("auto", cpuinfo=intel, onnx_available=True) == "folded"
     assert resolve_engine("auto", cpuinfo=amd, gpu=True, onnx_available=True) == "folded"  # TF runs it on the GPU
     assert resolve_engine("auto", cpuinfo=amx, gpu=True) == "folded"
-    with caplog.at_level(logging.WARNING, logger="worker.model.fold"):
+    with caplog.at_level(logging.WARNING, logger="worker.model.engines"):
         assert resolve_engine("folded-bf16", cpuinfo=amx) == "folded-bf16"
         assert not caplog.records
         assert resolve_engine("folded-bf16", cpuinfo=plain) == "folded-bf16"
@@ -177,7 +170,7 @@ def test_engine_names(caplog: pytest.LogCaptureFixture) -> None:
 
 def test_an_unknown_engine_fails_before_the_model_loads(tiny_model_path: Path) -> None:
     from worker.core.settings import Settings
-    from worker.model.networks import LazySegmenter
+    from worker.model.engines import LazySegmenter
 
     assert Settings.from_env({"ICHVOL_INFERENCE_ENGINE": "onnx"}).inference_engine == "onnx"
     assert Settings.from_env({}).inference_engine == "folded"
@@ -187,7 +180,7 @@ def test_an_unknown_engine_fails_before_the_model_loads(tiny_model_path: Path) -
 
 @pytest.mark.parametrize("engine", FAST_ENGINES)
 def test_the_loader_honours_the_engine(tiny_model_path: Path, engine: str) -> None:
-    from worker.model.networks import load_segmenter
+    from worker.model.engines import load_segmenter
 
     segmenter = load_segmenter(tiny_model_path, engine=engine, batch_size=4, threads=1)
     assert segmenter.engine == engine  # type: ignore[attr-defined]
@@ -239,7 +232,7 @@ def _dice(a: np.ndarray, b: np.ndarray) -> float:
 @pytest.mark.slow
 def test_fast_engines_give_the_reference_masks_on_phantom_studies(phantom_studies: list[Path], tmp_path: Path) -> None:
     """Dice >= 0.99 against the float32 Keras reference and volumes within 1 %, every engine, every study."""
-    from worker.model.networks import load_segmenter
+    from worker.model.engines import load_segmenter
 
     reference = _masks(phantom_studies, load_segmenter(None, engine="keras"), tmp_path / "keras")
     assert all(volume > 2.0 for _, volume in reference), "the reference must find real hematomas to compare"
@@ -257,7 +250,8 @@ def test_fast_engines_give_the_reference_masks_on_phantom_studies(phantom_studie
 @pytest.mark.slow
 def test_the_accuracy_bar_fails_a_degraded_engine(phantom_studies: list[Path], tmp_path: Path) -> None:
     """The bar above can fail: the shipped model with its weights rounded to 4 bits misses it."""
-    from worker.model.networks import load_keras_model, load_segmenter
+    from worker.model.engines import load_segmenter
+    from worker.model.networks import load_keras_model
     from worker.model.weights import default_model_path
 
     reference = _masks(phantom_studies[:2], load_segmenter(None, engine="keras"), tmp_path / "keras")

@@ -60,7 +60,8 @@ def test_saved_file_carries_metadata_readable_without_the_model(tmp_path: Path) 
 
 
 def test_float16_storage_halves_the_weights_and_predicts_alike(tmp_path: Path) -> None:
-    from worker.model.networks import build_drunet, load_segmenter, save_model
+    from worker.model.engines import load_segmenter
+    from worker.model.networks import build_drunet, save_model
 
     model = build_drunet(dims=8, input_size=32)
     full = save_model(model, tmp_path / "f32.keras", INFO)
@@ -84,7 +85,7 @@ def test_float16_storage_halves_the_weights_and_predicts_alike(tmp_path: Path) -
 
 
 def test_load_refuses_a_file_that_is_not_an_ichvol_model(tmp_path: Path) -> None:
-    from worker.model.networks import load_segmenter
+    from worker.model.engines import load_segmenter
 
     bad = tmp_path / "x.keras"
     bad.write_bytes(b"not a zip")
@@ -100,7 +101,8 @@ def test_load_refuses_a_file_that_is_not_an_ichvol_model(tmp_path: Path) -> None
 def test_metadata_that_lies_about_the_input_size_is_refused(tmp_path: Path) -> None:
     from dataclasses import replace
 
-    from worker.model.networks import build_drunet, load_segmenter, save_model
+    from worker.model.engines import load_segmenter
+    from worker.model.networks import build_drunet, save_model
 
     path = save_model(build_drunet(dims=4, input_size=32), tmp_path / "m.keras", replace(INFO, input_size=64))
     with pytest.raises(ModelFileError, match="does not match its metadata"):

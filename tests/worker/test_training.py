@@ -118,7 +118,7 @@ def test_an_interrupted_run_resumes_after_its_last_finished_epoch(
 @pytest.mark.timeout(600)
 def test_mixed_precision_saves_a_float32_model_and_restores_the_policy(tmp_path: Path) -> None:
     from worker.model import framework
-    from worker.model.networks import load_segmenter
+    from worker.model.engines import load_segmenter
 
     data = _discs(n=8, patients=2)
     train_part, val_part = split_by_patient(data, val_fraction=0.5, seed=0)
@@ -142,7 +142,7 @@ def test_a_short_cpu_run_on_phantom_studies_beats_the_baseline(tmp_path: Path) -
     momentum 0.5, 8 x 40 steps) were chosen on three weight seeds, whose best validation
     Dice were 0.93, 0.94 and 0.90 (final loss 0.24-0.27 of the first epoch's).
     """
-    from worker.model.networks import load_segmenter
+    from worker.model.engines import load_segmenter
     from worker.research import datasets
 
     write_phantom_studies(tmp_path / "studies", 12, size=64, slices=12)

@@ -37,7 +37,7 @@ def _settings(args: argparse.Namespace) -> Settings:
 def _load_segmenter(settings: Settings):  # type: ignore[no-untyped-def]
     """The configured model: metadata now, TensorFlow and weights on first use."""
     from worker.model import framework
-    from worker.model.networks import LazySegmenter
+    from worker.model.engines import LazySegmenter
 
     framework.set_threads(settings.inference_threads)
     return LazySegmenter(

@@ -40,7 +40,7 @@ def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
 def run_evaluate_command(args: argparse.Namespace, settings: Settings) -> int:
     from worker.measure.pipeline import SegmentationOptions
     from worker.model import framework
-    from worker.model.networks import LazySegmenter
+    from worker.model.engines import LazySegmenter
     from worker.research import metrics
     from worker.research.evaluation import DEFAULT_METHODS, evaluate
 

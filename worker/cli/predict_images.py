@@ -37,7 +37,7 @@ def run_predict_images_command(args: argparse.Namespace, settings: Settings) -> 
     from worker.core.errors import ConfigurationError
     from worker.measure.predict_images import predict_images
     from worker.model import framework
-    from worker.model.networks import LazySegmenter
+    from worker.model.engines import LazySegmenter
 
     if args.slice_thickness is not None and args.pixel_spacing is None:
         raise ConfigurationError("--slice-thickness needs --pixel-spacing (a volume needs both)")

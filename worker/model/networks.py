@@ -27,16 +27,14 @@ from __future__ import annotations
 import logging
 import tempfile
 import zipfile
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import numpy.typing as npt
 
-from worker.core.errors import ConfigurationError, ModelFileError
+from worker.core.errors import ModelFileError
 from worker.model import framework
-from worker.model.weights import ModelInfo, Segmenter, read_model_info, resolve_model_path, sha256_of, write_model_info
+from worker.model.weights import ModelInfo, write_model_info
 
 log = logging.getLogger(__name__)
 
@@ -184,137 +182,3 @@ def load_keras_model(path: Path) -> Any:
         return keras.saving.load_model(path, compile=False)
     except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
         raise ModelFileError(f"cannot load model {path.name}: {exc}") from None
-
-
-class KerasSegmenter:
-    """A loaded model behind the :class:`worker.model.weights.Segmenter` protocol (the float32 reference).
-
-    Inference runs through one compiled function at a fixed batch shape (the last
-    batch is padded): calling the model eagerly on large batches costs many GB.
-    """
-
-    engine = "keras"
-
-    def __init__(self, model: Any, info: ModelInfo, *, batch_size: int = 8) -> None:
-        self._model = model
-        self._info = info
-        self.batch_size = max(1, int(batch_size))
-        tf = framework.tf()
-        size = info.input_size
-        spec = tf.TensorSpec((self.batch_size, size, size, 1), tf.float32)
-        self._fn = tf.function(lambda x: model(x, training=False), input_signature=[spec], autograph=False)
-
-    @property
-    def info(self) -> ModelInfo:
-        return self._info
-
-    @property
-    def keras_model(self) -> Any:
-        return self._model
-
-    def predict(self, images: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
-        n = int(images.shape[0])
-        size = self._info.input_size
-        if images.ndim != 3 or images.shape[1:] != (size, size):
-            raise ValueError(f"expected (n, {size}, {size}) images, got {images.shape}")
-        out = np.empty((n, size, size), dtype=np.float32)
-        batch = np.zeros((self.batch_size, size, size, 1), dtype=np.float32)
-        for start in range(0, n, self.batch_size):
-            stop = min(start + self.batch_size, n)
-            batch[: stop - start, ..., 0] = images[start:stop]
-            batch[stop - start :] = 0.0
-            probs = self._fn(batch).numpy()
-            out[start:stop] = probs[: stop - start, ..., 0]
-        return out
-
-
-class LazySegmenter:
-    """A segmenter whose metadata is read at once (no TensorFlow) and whose model loads on first use.
-
-    ``ichvol segment`` uses it so that an unusable study fails in milliseconds, before
-    TensorFlow is imported; :meth:`load` lets the pipeline time the loading on its own.
-    ``engine`` and ``threads`` are passed to :func:`load_segmenter`; an unknown engine
-    fails here, before anything loads.
-    """
-
-    def __init__(
-        self, model_path: str | Path | None = None, *, batch_size: int = 8, engine: str = "keras", threads: int = 0
-    ) -> None:
-        self._path, _ = resolve_model_path(model_path)
-        self._info = read_model_info(self._path)
-        self._batch_size = batch_size
-        self._engine = _checked_engine(engine)
-        self._threads = threads
-        self._loaded: Segmenter | None = None
-
-    @property
-    def info(self) -> ModelInfo:
-        return self._info
-
-    def load(self) -> Segmenter:
-        if self._loaded is None:
-            self._loaded = load_segmenter(
-                self._path, batch_size=self._batch_size, engine=self._engine, threads=self._threads
-            )
-        return self._loaded
-
-    def predict(self, images: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
-        return self.load().predict(images)
-
-
-def _checked_engine(engine: str) -> str:
-    from worker.model.fold import resolve_engine
-
-    try:
-        resolve_engine(engine)
-    except ValueError as exc:
-        raise ConfigurationError(str(exc)) from None
-    return engine
-
-
-def load_segmenter(
-    model_path: str | Path | None = None,
-    *,
-    batch_size: int = 8,
-    engine: str = "keras",
-    threads: int = 0,
-    warm_up: bool = True,
-) -> Segmenter:
-    """Resolve (``None``: shipped default, checksum verified), read metadata, build the segmenter.
-
-    ``engine`` (``ICHVOL_INFERENCE_ENGINE``, see :data:`worker.model.fold.ENGINES`):
-    ``keras`` returns the float32 reference :class:`KerasSegmenter`; the others fold the
-    model (:mod:`worker.model.fold`). A model the folding cannot read (a layer it does
-    not know) falls back to ``keras`` with a warning. ``threads`` sets ONNX Runtime's
-    intra-op threads (0: all cores; TensorFlow's come from :func:`worker.model.framework.set_threads`).
-    ``warm_up`` runs one batch of zeros, so tracing and kernel set-up count as loading.
-    """
-    from worker.model.fold import UnsupportedModelError, fast_segmenter, resolve_engine
-
-    try:
-        gpu = engine.strip().lower() == "auto" and framework.device_description() != "CPU"
-        concrete = resolve_engine(engine, gpu=gpu)
-    except ValueError as exc:
-        raise ConfigurationError(str(exc)) from None
-    path, _is_default = resolve_model_path(model_path)
-    digest = sha256_of(path)
-    info = read_model_info(path, sha256=digest)
-    model = load_keras_model(path)
-    expected_shape = (None, info.input_size, info.input_size, 1)
-    if tuple(model.input_shape) != expected_shape:
-        raise ModelFileError(
-            f"{path.name}: model input {tuple(model.input_shape)} does not match its metadata {expected_shape}"
-        )
-    info = replace(info, sha256=digest)
-    segmenter: Segmenter | None = None
-    if concrete != "keras":
-        try:
-            segmenter = fast_segmenter(model, info, engine=concrete, batch_size=batch_size, threads=threads)
-            log.info("inference engine %s (asked: %s)", concrete, engine)
-        except UnsupportedModelError as exc:
-            log.warning("inference engine %s cannot run %s (%s); using keras", concrete, path.name, exc)
-    if segmenter is None:
-        segmenter = KerasSegmenter(model, info, batch_size=batch_size)
-    if warm_up:  # trace and build the kernels now, not in the first study's inference
-        segmenter.predict(np.zeros((1, info.input_size, info.input_size), dtype=np.float32))
-    return segmenter

@@ -83,7 +83,7 @@ def build_deps(
 
     def default_factory() -> Segmenter:
         from worker.model import framework
-        from worker.model.networks import load_segmenter
+        from worker.model.engines import load_segmenter
 
         framework.set_threads(settings.inference_threads)
         return load_segmenter(
