@@ -46,7 +46,8 @@ from worker.delivery.deliveries import (
 from worker.infra import db
 from worker.infra.storage import LocalStore
 from worker.infra.tables import Delivery, DeliveryState, Result
-from worker.outputs.sr import build_overlay_sc, build_volume_sr, read_png_rgb, read_volume_report
+from worker.outputs.secondary_capture import build_overlay_sc, read_png_rgb
+from worker.outputs.sr import build_volume_sr, read_volume_report
 from worker.overnight.runtime import WorkerDeps
 
 pytestmark = pytest.mark.integration

@@ -15,16 +15,8 @@ from pydicom.uid import Comprehensive3DSRStorage, SecondaryCaptureImageStorage
 
 from tests.helpers.pacs_results import BLOOD_VOLUME_ML, MeasuredStudy, measured_study
 from worker.core.notices import DISCLAIMER
-from worker.outputs.sr import (
-    OVERLAY_SERIES_DESCRIPTION,
-    SR_SERIES_DESCRIPTION,
-    VolumeReport,
-    build_overlay_sc,
-    build_volume_sr,
-    derived_uid,
-    read_png_rgb,
-    read_volume_report,
-)
+from worker.outputs.secondary_capture import OVERLAY_SERIES_DESCRIPTION, build_overlay_sc, read_png_rgb
+from worker.outputs.sr import SR_SERIES_DESCRIPTION, VolumeReport, build_volume_sr, derived_uid, read_volume_report
 
 
 @pytest.fixture(scope="module")

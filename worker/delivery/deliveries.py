@@ -23,7 +23,7 @@ the cause is fixed ``ichvol redeliver`` resends.
 What is sent, in order (each optional, ``ICHVOL_PACS_SEND_*``): the SEG (``seg.dcm``
 from the results store, unchanged), the TID 1500 SR built from the ``results`` row
 (:func:`worker.outputs.sr.build_volume_sr`), the overlay as a Secondary Capture
-(:func:`worker.outputs.sr.build_overlay_sc`). The SR and overlay UIDs derive from the SEG's, so a
+(:func:`worker.outputs.secondary_capture.build_overlay_sc`). The SR and overlay UIDs derive from the SEG's, so a
 resend replaces rather than duplicates them. Sending the same instance twice is
 harmless: PACSs store an instance once per SOP Instance UID.
 
@@ -477,7 +477,7 @@ def build_objects(*, result: Result, run: Run, deps: DeliveryDeps, work_dir: Pat
     Raises :class:`DeliveryError` (permanent) for a missing or unreadable artefact and
     :class:`TransientError` for storage trouble that may pass.
     """
-    from worker.outputs import sr
+    from worker.outputs import secondary_capture, sr
 
     settings = deps.settings
     seg_path = _download(deps, result.seg_uri, work_dir / "seg.dcm", "DICOM SEG (seg.dcm)")
@@ -496,7 +496,8 @@ def build_objects(*, result: Result, run: Run, deps: DeliveryDeps, work_dir: Pat
     if settings.pacs_send_overlay:
         png = _download(deps, result.overlay_uri, work_dir / "overlay.png", "overlay picture (overlay.png)")
         try:
-            objects.append(DicomObject(KIND_OVERLAY, sr.build_overlay_sc(seg=seg, rgb=sr.read_png_rgb(png))))
+            rgb = secondary_capture.read_png_rgb(png)
+            objects.append(DicomObject(KIND_OVERLAY, secondary_capture.build_overlay_sc(seg=seg, rgb=rgb)))
         except ValueError as exc:
             raise DeliveryError(f"the overlay could not be converted: {exc}", transient=False) from exc
     return objects
