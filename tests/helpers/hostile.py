@@ -777,7 +777,7 @@ def write_to_folder(kind: HostileKind, folder: Path) -> int:
 
     Only kinds with ``local=True``: their keys are plain relative paths, checked again here.
     """
-    from worker.infra.storage import safe_relative_path
+    from worker.infra.object_store import safe_relative_path
 
     if not kind.local:
         raise ValueError(f"{kind.name}: its object keys cannot be written to a folder")
@@ -815,7 +815,7 @@ class MemoryStore:
     """An object store in memory that keeps keys exactly as given, as AWS S3 does (the
     loopback S3 server refuses or rewrites some hostile keys). Implements the project's
     ``ObjectStore`` protocol; downloads go through the project's own checked path
-    (:func:`worker.infra.storage._download_prefix`)."""
+    (:func:`worker.infra.object_store.download_prefix`)."""
 
     def __init__(self, name: str = "memory") -> None:
         self.name = name
@@ -834,7 +834,7 @@ class MemoryStore:
         import hashlib
         from datetime import UTC, datetime
 
-        from worker.infra.storage import ObjectInfo
+        from worker.infra.object_store import ObjectInfo
 
         stamp = datetime(2024, 1, 2, tzinfo=UTC)
         for key in sorted(
@@ -844,7 +844,7 @@ class MemoryStore:
             yield ObjectInfo(key=key, etag=hashlib.md5(data).hexdigest(), size=len(data), last_modified=stamp)
 
     def download(self, key: str, dest: Path) -> None:
-        from worker.infra.storage import ObjectNotFoundError
+        from worker.infra.object_store import ObjectNotFoundError
 
         if key not in self.objects:
             raise ObjectNotFoundError(f"{self.uri(key)} does not exist")
@@ -866,6 +866,6 @@ class MemoryStore:
         self.objects.pop(key, None)
 
     def download_prefix(self, prefix: str, dest_dir: Path, *, keys: Any = None) -> list[Path]:
-        from worker.infra.storage import _download_prefix
+        from worker.infra.object_store import download_prefix
 
-        return _download_prefix(self, prefix, dest_dir, keys)
+        return download_prefix(self, prefix, dest_dir, keys)

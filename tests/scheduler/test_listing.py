@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 from worker.infra.listing import fingerprint_of, group_studies
-from worker.infra.storage import ObjectInfo
+from worker.infra.object_store import ObjectInfo
 
 T0 = datetime(2026, 11, 27, 22, 0, tzinfo=UTC)
 

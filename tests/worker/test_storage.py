@@ -17,19 +17,15 @@ from botocore.exceptions import ClientError
 from tests.helpers.services import S3Bucket, S3Server, free_ports
 from worker.core.errors import ConfigurationError, ErrorCode, StudyError, TransientError
 from worker.core.settings import Settings
-from worker.infra.storage import (
-    MULTIPART_THRESHOLD_BYTES,
+from worker.infra.object_store import (
     TEMP_PREFIX,
-    LocalStore,
     ObjectInfo,
     ObjectNotFoundError,
     ObjectStore,
-    S3Store,
     StorageError,
-    map_s3_error,
-    open_store,
     safe_relative_path,
 )
+from worker.infra.storage import MULTIPART_THRESHOLD_BYTES, LocalStore, S3Store, map_s3_error, open_store
 
 # --------------------------------------------------------------------------------------------
 # safe_relative_path

@@ -405,7 +405,7 @@ class DeliveryDeps:
 
     settings: Settings
     sessions: Any  # sqlalchemy.orm.sessionmaker
-    results_store: Any  # worker.infra.storage.ObjectStore
+    results_store: Any  # worker.infra.object_store.ObjectStore
 
     @classmethod
     def from_settings(cls, settings: Settings) -> DeliveryDeps:
@@ -442,7 +442,7 @@ def store_key(store: Any, uri: str) -> str:
 
 
 def _download(deps: DeliveryDeps, uri: str | None, dest: Path, what: str) -> Path:
-    from worker.infra.storage import StorageError
+    from worker.infra.object_store import StorageError
 
     if not uri:
         raise DeliveryError(f"the result has no {what}", transient=False)

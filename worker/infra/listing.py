@@ -19,7 +19,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from worker.infra.storage import ObjectInfo
+from worker.infra.object_store import ObjectInfo
 
 
 @dataclass(frozen=True)

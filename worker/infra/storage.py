@@ -1,5 +1,6 @@
 """Object storage behind one interface: an S3 bucket or a local folder used as a bucket.
 
+The interface, its errors and the key checks are in :mod:`worker.infra.object_store`.
 The scheduler lists the PACS export bucket with :meth:`ObjectStore.iter_objects`; the
 worker fetches one study folder with :meth:`ObjectStore.download_prefix` and writes its
 artefacts with :meth:`ObjectStore.upload_file` / :meth:`ObjectStore.put_bytes`.
@@ -23,17 +24,24 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import unicodedata
-import uuid
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path, PurePosixPath
-from typing import IO, TYPE_CHECKING, Any, Protocol, TypeVar
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import unquote, urlsplit
 
-from worker.core.errors import ConfigurationError, ErrorCode, IchvolError, StudyError, TransientError
+from worker.core.errors import ConfigurationError, IchvolError, StudyError, TransientError
+from worker.infra.object_store import (
+    TEMP_PREFIX,
+    ObjectInfo,
+    ObjectNotFoundError,
+    ObjectStore,
+    StorageError,
+    download_prefix,
+    safe_relative_path,
+    temp_beside,
+)
 
 if TYPE_CHECKING:
     from worker.core.settings import Settings
@@ -43,10 +51,6 @@ logger = logging.getLogger(__name__)
 #: Uploads of this many bytes or more go multipart (boto3 transfer manager), in parts of this size.
 MULTIPART_THRESHOLD_BYTES = 8 * 1024 * 1024
 MULTIPART_CHUNKSIZE_BYTES = 8 * 1024 * 1024
-#: Longest file or folder name most file systems accept (ext4, XFS, APFS), in UTF-8 bytes.
-MAX_NAME_BYTES = 255
-#: Our own temporary files start with this; LocalStore listings skip them.
-TEMP_PREFIX = ".ichvol-tmp-"
 
 _NOT_FOUND_CODES = frozenset({"NoSuchKey", "404", "NotFound"})
 _TRANSIENT_CODES = frozenset(
@@ -69,201 +73,6 @@ _CREDENTIAL_CODES = frozenset(
 )
 
 T = TypeVar("T")
-
-
-class StorageError(IchvolError):
-    """A permanent object-storage failure: missing bucket or key, bad credentials, access denied.
-
-    ``s3_code`` is the S3 error code (``"NoSuchBucket"``, ``"AccessDenied"``, ...) when
-    there is one. Not retried: waiting does not fix it.
-    """
-
-    def __init__(self, message: str, *, s3_code: str | None = None) -> None:
-        super().__init__(message)
-        self.s3_code = s3_code
-
-
-class ObjectNotFoundError(StorageError):
-    """The key does not exist (S3 ``NoSuchKey`` / 404, or no such file in a LocalStore)."""
-
-
-@dataclass(frozen=True)
-class ObjectInfo:
-    """One object as listed.
-
-    ``etag`` is opaque and unquoted: on S3 the server's ETag (an MD5 for single-part
-    uploads, ``"<md5>-<parts>"`` for multipart ones); in a :class:`LocalStore` a token
-    from size and modification time. It changes when the object changes.
-    ``size`` is in bytes; ``last_modified`` is timezone-aware UTC.
-    """
-
-    key: str
-    etag: str
-    size: int
-    last_modified: datetime
-
-
-class ObjectStore(Protocol):
-    """A bucket: S3 (:class:`S3Store`) or a local folder (:class:`LocalStore`)."""
-
-    def iter_objects(self, prefix: str) -> Iterator[ObjectInfo]:
-        """Every object whose key starts with ``prefix``, lazily, in key order."""
-        ...
-
-    def download(self, key: str, dest: Path) -> None:
-        """Write the object to ``dest`` (via a temporary file and a rename: never half-written)."""
-        ...
-
-    def upload_file(self, key: str, src: Path, *, content_type: str | None = None) -> str:
-        """Store the file ``src`` under ``key``; returns :meth:`uri` of the key."""
-        ...
-
-    def put_bytes(self, key: str, data: bytes, *, content_type: str | None = None) -> str:
-        """Store ``data`` under ``key``; returns :meth:`uri` of the key."""
-        ...
-
-    def exists(self, key: str) -> bool: ...
-
-    def delete(self, key: str) -> None:
-        """Remove the object; a missing key is not an error."""
-        ...
-
-    def uri(self, key: str) -> str:
-        """``"s3://bucket/key"`` or ``"file:///abs/path"``."""
-        ...
-
-    def download_prefix(self, prefix: str, dest_dir: Path, *, keys: Sequence[str] | None = None) -> list[Path]:
-        """Download the folder ``prefix`` (or only ``keys`` below it) into ``dest_dir``.
-
-        Every key is checked with :func:`safe_relative_path` before anything is written;
-        files land at ``dest_dir / <key relative to prefix>``. Returns the paths written,
-        in key order. Folder markers (keys ending in ``/``) are skipped.
-        """
-        ...
-
-
-# --------------------------------------------------------------------------------------------
-# keys -> local paths
-
-
-def _folder_prefix(prefix: str) -> str:
-    return prefix if not prefix or prefix.endswith("/") else prefix + "/"
-
-
-def _shown(key: str) -> str:
-    """The key for a message: ASCII-escaped, at most 80 characters."""
-    text = ascii(key)[1:-1]
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
-def safe_relative_path(key: str, prefix: str) -> PurePosixPath:
-    """The path of ``key`` relative to the folder ``prefix``, or ``StudyError(UNSAFE_PATH)``.
-
-    ``prefix`` is a folder (``"exports/STUDY123/"``; ``""`` is the bucket root; a
-    missing trailing ``/`` is added). The key must lie below it, and the rest must be a
-    plain relative path: no ``..`` or ``.`` parts, no leading ``/``, no empty parts
-    (``a//b``, trailing ``/``), no backslash, no NUL or other control characters, valid
-    UTF-8, and every part at most 255 bytes. The result can be joined to a local folder
-    without leaving it (given that folder holds no symbolic links; the download code
-    also checks the joined path).
-    """
-    folder = _folder_prefix(prefix)
-
-    def unsafe(reason: str) -> StudyError:
-        return StudyError(
-            ErrorCode.UNSAFE_PATH,
-            f"the study holds a file whose name is unsafe to store ('{_shown(key)}': {reason}); "
-            "re-export the study with plain file names",
-        )
-
-    if any(unicodedata.category(ch) == "Cc" for ch in key):
-        raise unsafe("control character in the name")
-    try:
-        key.encode("utf-8")
-    except UnicodeEncodeError:
-        raise unsafe("the name is not valid UTF-8") from None
-    if not key.startswith(folder):
-        raise unsafe(f"not inside the study folder '{_shown(folder)}'")
-    rest = key[len(folder) :]
-    if not rest:
-        raise unsafe("the name is empty")
-    if rest.startswith("/"):
-        raise unsafe("absolute path")
-    if "\\" in rest:
-        raise unsafe("backslash in the name")
-    parts = rest.split("/")
-    for part in parts:
-        if part == "":
-            raise unsafe("empty folder name ('//' or a trailing '/')")
-        if part in {".", ".."}:
-            raise unsafe(f"'{part}' in the path")
-        if len(part.encode("utf-8")) > MAX_NAME_BYTES:
-            raise unsafe(f"a name longer than {MAX_NAME_BYTES} bytes")
-    return PurePosixPath(*parts)
-
-
-def _plan_downloads(keys: Iterable[str], prefix: str, dest_dir: Path) -> list[tuple[str, Path]]:
-    """Check every key first (nothing is written for a study with one bad key)."""
-    root = dest_dir.resolve()
-    planned: list[tuple[str, Path]] = []
-    files: set[PurePosixPath] = set()
-    folders: set[PurePosixPath] = set()
-    for key in sorted(set(keys)):
-        if key.endswith("/"):
-            continue  # a folder marker made by S3 consoles: nothing to write
-        rel = safe_relative_path(key, prefix)
-        # "a/b" and "a/b/c" can both be S3 keys but not both be files on disk.
-        if rel in folders or any(parent in files for parent in rel.parents):
-            raise StudyError(
-                ErrorCode.UNSAFE_PATH,
-                f"the study holds both a file and a folder named '{_shown(str(rel))}'; "
-                "re-export the study with plain file names",
-            )
-        files.add(rel)
-        folders.update(rel.parents)
-        target = root.joinpath(*rel.parts)
-        planned.append((key, target))
-    return planned
-
-
-def _download_prefix(store: ObjectStore, prefix: str, dest_dir: Path, keys: Sequence[str] | None) -> list[Path]:
-    folder = _folder_prefix(prefix)
-    if keys is None:
-        keys = [info.key for info in store.iter_objects(folder)]
-    planned = _plan_downloads(keys, folder, dest_dir)
-    root = dest_dir.resolve()
-    root.mkdir(parents=True, exist_ok=True)
-    written: list[Path] = []
-    for key, target in planned:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        # A symbolic link already inside dest_dir must not carry the file elsewhere.
-        if not target.parent.resolve().is_relative_to(root):
-            raise StudyError(
-                ErrorCode.UNSAFE_PATH,
-                f"'{_shown(key)}' would be written outside the download folder; "
-                "re-export the study with plain file names",
-            )
-        store.download(key, target)
-        written.append(target)
-    return written
-
-
-# --------------------------------------------------------------------------------------------
-# temporary files and renames
-
-
-@contextmanager
-def _temp_beside(dest: Path) -> Iterator[tuple[Path, IO[bytes]]]:
-    """A temporary file in ``dest``'s folder, renamed onto ``dest`` on success, removed on error."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.parent / f"{TEMP_PREFIX}{uuid.uuid4().hex}"
-    try:
-        with open(tmp, "xb") as fh:
-            yield tmp, fh
-        os.replace(tmp, dest)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 # --------------------------------------------------------------------------------------------
@@ -413,7 +222,7 @@ class S3Store:
 
     def download(self, key: str, dest: Path) -> None:
         def run() -> None:
-            with _temp_beside(dest) as (_, fh):
+            with temp_beside(dest) as (_, fh):
                 self.client.download_fileobj(self.bucket, key, fh, Config=self._transfer_config())
 
         self._call(self.uri(key), run)
@@ -444,7 +253,7 @@ class S3Store:
         self._call(self.uri(key), lambda: self.client.delete_object(Bucket=self.bucket, Key=key))
 
     def download_prefix(self, prefix: str, dest_dir: Path, *, keys: Sequence[str] | None = None) -> list[Path]:
-        return _download_prefix(self, prefix, dest_dir, keys)
+        return download_prefix(self, prefix, dest_dir, keys)
 
 
 # --------------------------------------------------------------------------------------------
@@ -547,18 +356,18 @@ class LocalStore:
         with self._errors(key):
             if not src.is_file() or not self._inside(src):
                 raise FileNotFoundError(src)
-            with open(src, "rb") as fin, _temp_beside(dest) as (_, fout):
+            with open(src, "rb") as fin, temp_beside(dest) as (_, fout):
                 shutil.copyfileobj(fin, fout, 1024 * 1024)
 
     def upload_file(self, key: str, src: Path, *, content_type: str | None = None) -> str:
         target = self._path(key)
-        with open(src, "rb") as fin, self._errors(key), _temp_beside(target) as (_, fout):
+        with open(src, "rb") as fin, self._errors(key), temp_beside(target) as (_, fout):
             shutil.copyfileobj(fin, fout, 1024 * 1024)
         return target.as_uri()
 
     def put_bytes(self, key: str, data: bytes, *, content_type: str | None = None) -> str:
         target = self._path(key)
-        with self._errors(key), _temp_beside(target) as (_, fout):
+        with self._errors(key), temp_beside(target) as (_, fout):
             fout.write(data)
         return target.as_uri()
 
@@ -571,7 +380,7 @@ class LocalStore:
             self._path(key).unlink(missing_ok=True)
 
     def download_prefix(self, prefix: str, dest_dir: Path, *, keys: Sequence[str] | None = None) -> list[Path]:
-        return _download_prefix(self, prefix, dest_dir, keys)
+        return download_prefix(self, prefix, dest_dir, keys)
 
 
 # --------------------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ class WorkerDeps:
 
     settings: Settings
     sessions: Any  # sqlalchemy.orm.sessionmaker
-    export_store: Any  # worker.infra.storage.ObjectStore
+    export_store: Any  # worker.infra.object_store.ObjectStore
     results_store: Any
     model_info: ModelInfo
     segmenter_factory: Callable[[], Segmenter]
