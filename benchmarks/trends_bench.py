@@ -9,7 +9,7 @@ It creates a throwaway database (``ichvol_bench_<pid>``), migrates it to head, f
 SQL with ``generate_series`` (no round trips per row), runs ``ANALYZE``, times
 
 * the timeline of one patient (``patient_timeline`` filtered by patient),
-* the expansions of one night (``worker.trends.views.expansions_statement``: a 12-hour window),
+* the expansions of one night (``worker.trends.queries.expansions_statement``: a 12-hour window),
 * the README's "last night's batch" pattern on result times, and, for contrast,
 * the expansion view evaluated whole (what a filter the planner cannot push down costs),
 
@@ -38,7 +38,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from worker.infra import db
-from worker.trends.views import Definition, expansions_statement
+from worker.trends.queries import expansions_statement
+from worker.trends.views import Definition
 
 SECOND_VERSION_EVERY = 19  # every 19th study also has a 2.0.0 result (~5 %)
 FAILED_RUNS = 20_000

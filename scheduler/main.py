@@ -71,7 +71,7 @@ def _require_migrated(settings: Settings) -> None:
 def _sync_trend_config(sessions: Any, settings: Settings) -> None:
     """Copy ICHVOL_PINNED_MODEL_VERSION into the row the trend views read (views cannot read settings)."""
     from worker.infra import db
-    from worker.trends.views import sync_trend_config
+    from worker.infra.trend_config import sync_trend_config
 
     try:
         with db.transaction(sessions) as session:

@@ -6,7 +6,7 @@ Create Date: 2025-01-02 00:00:00
 
 * ``trend_config``: one row (``id = 1``) the views read: ``pinned_model_version``
   (NULL: the latest result of each study) and ``expansion_window_hours`` (default 72).
-  Views cannot read the environment; ``worker.trends.views.sync_trend_config`` copies
+  Views cannot read the environment; ``worker.infra.trend_config.sync_trend_config`` copies
   ``ICHVOL_PINNED_MODEL_VERSION`` into it when the scheduler starts.
 * ``ix_studies_study_datetime``: finds the scans of one night without reading every study.
 * Views ``current_results``, ``patient_timeline``, ``hematoma_expansion`` (documented

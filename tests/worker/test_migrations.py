@@ -22,7 +22,6 @@ from sqlalchemy import inspect
 
 from worker.infra import db
 from worker.infra.tables import Base
-from worker.trends import views as _trends  # noqa: F401 - registers trend_config and its index in Base.metadata
 
 pytestmark = pytest.mark.integration
 

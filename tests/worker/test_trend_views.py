@@ -16,17 +16,9 @@ from tests.helpers.trends import add_result, add_scan, add_study, at, session_fo
 from worker.core.settings import Settings
 from worker.infra import db
 from worker.infra.tables import RunState
-from worker.trends.views import (
-    Definition,
-    current_results_view,
-    expansions_since,
-    expansions_statement,
-    patient_expansion,
-    patient_timeline,
-    read_trend_config,
-    set_expansion_window,
-    sync_trend_config,
-)
+from worker.infra.trend_config import read_trend_config, set_expansion_window, sync_trend_config
+from worker.trends.queries import expansions_since, expansions_statement, patient_expansion, patient_timeline
+from worker.trends.views import Definition, current_results_view
 
 pytestmark = pytest.mark.integration
 

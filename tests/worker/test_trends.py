@@ -10,17 +10,13 @@ import pytest
 from sqlalchemy.orm import Session, sessionmaker
 
 from tests.helpers.trends import add_scan, at, session_for, trend_sessions, trend_url
+from worker.cli import trends as trends_command
+from worker.cli.trends import parse_since
 from worker.core.notices import DISCLAIMER
 from worker.core.settings import Settings
 from worker.infra import db
-from worker.trends.views import (
-    TimelineRow,
-    add_trends_arguments,
-    expansion_thresholds,
-    parse_since,
-    read_trend_config,
-    run_trends_command,
-)
+from worker.infra.trend_config import read_trend_config
+from worker.trends.views import TimelineRow, expansion_thresholds
 
 __all__ = ["trend_sessions", "trend_url"]  # fixtures, used by name
 
@@ -30,9 +26,9 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 def run(url: str, *argv: str) -> int:
     """``ichvol trends ARGV`` against the database at ``url``, through the real parser options."""
     parser = argparse.ArgumentParser(prog="ichvol trends")
-    add_trends_arguments(parser)
+    trends_command.add_arguments(parser)
     args = parser.parse_args(list(argv))
-    return run_trends_command(args, Settings(database_url=url))
+    return trends_command.run(args, Settings(database_url=url))
 
 
 def load_patients(sessions: sessionmaker[Session]) -> None:
@@ -201,8 +197,8 @@ def test_through_the_ichvol_command(
 
         def add_trends(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
             p = sub.add_parser("trends", help="hematoma volume timelines and expansion")
-            add_trends_arguments(p)
-            p.set_defaults(handler=run_trends_command)
+            trends_command.add_arguments(p)
+            p.set_defaults(handler=trends_command.run)
 
         monkeypatch.setattr(cli, "SUBCOMMANDS", [*cli.SUBCOMMANDS, add_trends])
     assert cli.main(["trends", "--database-url", url, "--patient", "NOBODY", "--no-plot"]) == 2

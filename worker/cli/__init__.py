@@ -243,8 +243,8 @@ class ModuleCommand:
     def register(self, sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         module = importlib.import_module(self.module)
         parser = sub.add_parser(self.name, help=self.help)
-        getattr(module, f"add_{self.stem}_arguments")(parser)
-        parser.set_defaults(handler=getattr(module, f"run_{self.stem}_command"))
+        getattr(module, f"add_{self.stem}_arguments", getattr(module, "add_arguments", None))(parser)
+        parser.set_defaults(handler=getattr(module, f"run_{self.stem}_command", getattr(module, "run", None)))
 
 
 MODULE_COMMANDS = (
@@ -268,7 +268,7 @@ MODULE_COMMANDS = (
         "predict_images",
     ),
     ModuleCommand(
-        "trends", "hematoma volume timelines and expansion (from the database)", "worker.trends.views", "trends"
+        "trends", "hematoma volume timelines and expansion (from the database)", "worker.cli.trends", "trends"
     ),
     ModuleCommand(
         "redeliver",

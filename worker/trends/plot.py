@@ -41,7 +41,7 @@ def plot_timeline(*, rows: Sequence[TimelineRow], window_hours: float, out_path:
 def draw_timeline(*, rows: Sequence[TimelineRow], window_hours: float) -> Figure:
     """A figure of volume (mL) against hours since the first scan.
 
-    ``rows``: one patient's timeline (:func:`worker.trends.views.patient_timeline`); scans
+    ``rows``: one patient's timeline (:func:`worker.trends.queries.patient_timeline`); scans
     without a usable time cannot be placed on the time axis and are counted in the
     caption instead. Drawn: hematoma volume and ABC/2 per scan (markers), the baseline
     (black), follow-ups meeting a definition (red), horizontal lines where each
