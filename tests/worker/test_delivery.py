@@ -32,17 +32,11 @@ from tests.helpers.pacs_results import (
 )
 from worker.core.errors import ConfigurationError, TransientError
 from worker.core.settings import Settings
-from worker.delivery.deliveries import (
-    CStoreSender,
-    DeliveryError,
-    DicomObject,
-    StowSender,
-    create_deliveries,
-    deliver_run,
-    requeue,
-    senders_from_settings,
-    store_key,
-)
+from worker.delivery.cstore import CStoreSender
+from worker.delivery.deliveries import create_deliveries, deliver_run, requeue, senders_from_settings
+from worker.delivery.objects import store_key
+from worker.delivery.senders import DeliveryError, DicomObject
+from worker.delivery.stow import StowSender
 from worker.infra import db
 from worker.infra.storage import LocalStore
 from worker.infra.tables import Delivery, DeliveryState, Result

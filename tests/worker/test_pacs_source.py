@@ -16,14 +16,8 @@ from tests.helpers.orthanc import OrthancServer, orthanc  # noqa: F401 - the fix
 from tests.helpers.pacs_results import blood_hu, local_deps, measured_study
 from worker.core.errors import TransientError
 from worker.core.settings import Settings
-from worker.delivery.dicomweb import (
-    DicomwebClient,
-    DicomwebError,
-    pacs_poll_once,
-    split_multipart,
-    study_folder,
-    study_query,
-)
+from worker.delivery.dicomweb import DicomwebClient, DicomwebError, split_multipart
+from worker.delivery.pacs_source import pacs_poll_once, study_folder, study_query
 from worker.infra.intake import poll_once
 from worker.infra.storage import LocalStore
 from worker.overnight.processing import process_run

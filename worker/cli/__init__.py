@@ -289,7 +289,7 @@ def _add_pacs_poll(sub: argparse._SubParsersAction) -> None:  # type: ignore[typ
 
 
 def _pacs_poll(args: argparse.Namespace, settings: Settings) -> int:
-    from worker.delivery.dicomweb import run_pacs_poll
+    from worker.delivery.pacs_source import run_pacs_poll
 
     return run_pacs_poll(settings, once=args.once)
 

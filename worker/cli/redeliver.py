@@ -13,9 +13,6 @@ from __future__ import annotations
 
 import argparse
 from datetime import UTC, datetime, timedelta
-from typing import Any
-
-from sqlalchemy import select
 
 from worker.core.errors import ConfigurationError, TransientError
 from worker.core.settings import Settings
@@ -38,28 +35,15 @@ def add_redeliver_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def runs_without_deliveries(
-    sessions: Any, *, targets: list[str], run_id: int | None = None, since: datetime | None = None
-) -> list[int]:
-    """Runs with a result but no delivery row for one of ``targets``."""
-    from worker.infra.tables import Delivery, Result
-
-    with sessions() as session:
-        query = select(Result.run_id, Result.created_at)
-        if run_id is not None:
-            query = query.where(Result.run_id == run_id)
-        if since is not None:
-            query = query.where(Result.created_at >= since)
-        results = {int(r.run_id) for r in session.execute(query)}
-        have = session.execute(select(Delivery.run_id, Delivery.target).where(Delivery.target.in_(targets))).all()
-    covered: dict[int, set[str]] = {}
-    for row in have:
-        covered.setdefault(int(row.run_id), set()).add(str(row.target))
-    return sorted(r for r in results if not set(targets) <= covered.get(r, set()))
-
-
 def run_redeliver_command(args: argparse.Namespace, settings: Settings) -> int:
-    from worker.delivery.deliveries import DeliveryDeps, create_deliveries, deliver_run, requeue, senders_from_settings
+    from worker.delivery.deliveries import (
+        DeliveryDeps,
+        create_deliveries,
+        deliver_run,
+        requeue,
+        runs_without_deliveries,
+        senders_from_settings,
+    )
 
     senders = senders_from_settings(settings)
     if not senders:

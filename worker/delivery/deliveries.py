@@ -33,318 +33,33 @@ both send the same instances, and the row records the last outcome.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import shutil
-import socket
 import tempfile
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
-from urllib.parse import unquote, urlsplit
+from typing import Any
 
-import pydicom
 from sqlalchemy import select, update
+from sqlalchemy.orm import Session, sessionmaker
 
-from worker.core.errors import ConfigurationError, IchvolError, TransientError
+from worker.core.errors import ConfigurationError, TransientError
 from worker.core.settings import Settings
+from worker.delivery.cstore import CStoreSender
+from worker.delivery.objects import build_objects
+from worker.delivery.senders import TARGET_CSTORE, TARGET_STOW, DeliveryError, DicomObject, Sender
+from worker.delivery.stow import StowSender
 from worker.infra import db
+from worker.infra.object_store import ObjectStore
 from worker.infra.tables import Delivery, DeliveryState, Result, Run
-
-if TYPE_CHECKING:
-    from worker.outputs.sr import VolumeReport
 
 log = logging.getLogger(__name__)
 
 #: Celery task name of a delivery (sent by name, so senders need not import the task module).
 TASK_DELIVER = "ichvol.deliver"
-TARGET_STOW = "stow"
-TARGET_CSTORE = "cstore"
-KIND_SEG = "seg"
-KIND_SR = "sr"
-KIND_OVERLAY = "overlay"
-
-#: C-STORE statuses that mean "stored" (success and the standard's warnings).
-_CSTORE_OK = frozenset({0x0000, 0xB000, 0xB006, 0xB007})
-#: HTTP statuses that may pass by waiting.
-_HTTP_TRANSIENT = frozenset({408, 425, 429, 500, 502, 503, 504})
-_HTTP_REASONS = {
-    400: "the PACS could not read the request",
-    401: "the PACS refused the credentials (check ICHVOL_PACS_TOKEN or _USERNAME/_PASSWORD)",
-    403: "the PACS does not allow these credentials to store",
-    404: "no STOW-RS service at this URL (check ICHVOL_PACS_STOW_URL)",
-    409: "the PACS refused the instances",
-    413: "the PACS refused the request as too large",
-    415: "the PACS does not accept application/dicom",
-}
-
-
-class DeliveryError(IchvolError):
-    """Sending to a PACS failed. ``transient``: retry later; else fix the cause, then redeliver."""
-
-    def __init__(self, message: str, *, transient: bool) -> None:
-        super().__init__(message)
-        self.transient = transient
-
-
-@dataclass(frozen=True)
-class DicomObject:
-    """One instance to send: ``kind`` is ``"seg"``, ``"sr"`` or ``"overlay"``."""
-
-    kind: str
-    dataset: pydicom.Dataset
-
-    @property
-    def sop_instance_uid(self) -> str:
-        return str(self.dataset.SOPInstanceUID)
-
-    @property
-    def sop_class_uid(self) -> str:
-        return str(self.dataset.SOPClassUID)
-
-    def part10(self) -> bytes:
-        """The instance as a DICOM file (preamble, file meta, dataset)."""
-        buffer = io.BytesIO()
-        self.dataset.save_as(buffer, enforce_file_format=True)
-        return buffer.getvalue()
-
-    def record(self) -> dict[str, str]:
-        return {
-            "kind": self.kind,
-            "sop_class_uid": self.sop_class_uid,
-            "sop_instance_uid": self.sop_instance_uid,
-            "series_instance_uid": str(self.dataset.SeriesInstanceUID),
-        }
-
-
-@dataclass(frozen=True)
-class SendReport:
-    """What a target acknowledged: stored SOP Instance UIDs and any warnings."""
-
-    stored: tuple[str, ...]
-    warnings: tuple[str, ...] = ()
-
-
-class Sender(Protocol):
-    """Sends instances to one target; raises :class:`DeliveryError`."""
-
-    @property
-    def target(self) -> str: ...
-
-    @property
-    def destination(self) -> str: ...
-
-    def send(self, objects: Sequence[DicomObject]) -> SendReport: ...
-
-
-# --------------------------------------------------------------------------------------------
-# DICOMweb STOW-RS
-
-
-def _first_value(item: dict[str, Any], tag: str) -> Any:
-    values = item.get(tag, {}).get("Value") or [None]
-    return values[0]
-
-
-def _failures(body: dict[str, Any]) -> list[tuple[str, int | None]]:
-    """``(SOP Instance UID, FailureReason)`` from a STOW-RS response's FailedSOPSequence."""
-    items = body.get("00081198", {}).get("Value") or []
-    return [(str(_first_value(i, "00081155")), _first_value(i, "00081197")) for i in items]
-
-
-def _stored(body: dict[str, Any]) -> list[str]:
-    items = body.get("00081199", {}).get("Value") or []
-    return [str(_first_value(i, "00081155")) for i in items]
-
-
-class StowSender:
-    """DICOMweb STOW-RS: one ``POST <url>/studies`` of ``multipart/related; type="application/dicom"``.
-
-    Authentication: ``token`` as ``Authorization: Bearer``, else ``username``/``password``
-    as HTTP basic auth, else none. ``verify``: True, False or a CA bundle path.
-    """
-
-    target = TARGET_STOW
-
-    def __init__(
-        self,
-        *,
-        url: str,
-        token: str | None = None,
-        username: str | None = None,
-        password: str | None = None,
-        timeout_s: float = 60.0,
-        verify: bool | str = True,
-    ) -> None:
-        self.url = url.rstrip("/")
-        self.timeout_s = timeout_s
-        self.verify = verify
-        self._token = token
-        self._username = username
-        self._password = password
-
-    @property
-    def destination(self) -> str:
-        parts = urlsplit(self.url)
-        host = parts.hostname or ""
-        port = f":{parts.port}" if parts.port else ""
-        return f"{parts.scheme}://{host}{port}{parts.path}"  # no user:password@ even if the URL had one
-
-    def _session(self) -> Any:
-        from worker.delivery.dicomweb import dicomweb_session
-
-        return dicomweb_session(token=self._token, username=self._username, password=self._password, verify=self.verify)
-
-    def send(self, objects: Sequence[DicomObject]) -> SendReport:
-        import requests
-
-        if not objects:
-            return SendReport(stored=())
-        boundary = uuid.uuid4().hex
-        parts = []
-        for obj in objects:
-            parts.append(f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode())
-            parts.append(obj.part10())
-            parts.append(b"\r\n")
-        parts.append(f"--{boundary}--\r\n".encode())
-        headers = {
-            "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
-            "Accept": "application/dicom+json",
-        }
-        where = f"STOW-RS {self.destination}"
-        try:
-            with self._session() as session:
-                response = session.post(
-                    f"{self.url}/studies", data=b"".join(parts), headers=headers, timeout=self.timeout_s
-                )
-        except requests.exceptions.SSLError as exc:
-            raise DeliveryError(f"{where}: TLS verification failed ({_short(exc)})", transient=False) from exc
-        except (requests.ConnectionError, requests.Timeout) as exc:
-            raise DeliveryError(f"{where}: PACS unreachable ({type(exc).__name__})", transient=True) from exc
-        except requests.RequestException as exc:
-            raise DeliveryError(f"{where}: request failed ({_short(exc)})", transient=False) from exc
-        return self._report(response, objects, where)
-
-    def _report(self, response: Any, objects: Sequence[DicomObject], where: str) -> SendReport:
-        status = int(response.status_code)
-        try:
-            body = response.json() if response.content else {}
-        except ValueError:
-            body = {}
-        body = body if isinstance(body, dict) else {}
-        failures = _failures(body)
-        if status in _HTTP_TRANSIENT:
-            raise DeliveryError(f"{where}: HTTP {status}, retry later", transient=True)
-        if failures:
-            transient = all(reason is not None and 0xA700 <= int(reason) <= 0xA7FF for _, reason in failures)
-            listed = ", ".join(f"{uid} (0x{int(r):04X})" if r is not None else uid for uid, r in failures)
-            raise DeliveryError(f"{where}: HTTP {status}, the PACS refused {listed}", transient=transient)
-        if status not in (200, 202):
-            reason = _HTTP_REASONS.get(status, "unexpected answer")
-            raise DeliveryError(f"{where}: HTTP {status}, {reason}", transient=False)
-        stored = _stored(body)
-        expected = {o.sop_instance_uid for o in objects}
-        warnings = () if not stored or expected <= set(stored) else (f"acknowledged {len(stored)} of {len(expected)}",)
-        return SendReport(stored=tuple(o.sop_instance_uid for o in objects), warnings=warnings)
-
-
-def _short(exc: BaseException) -> str:
-    return (str(exc).splitlines() or [""])[0][:200]
-
-
-# --------------------------------------------------------------------------------------------
-# DIMSE C-STORE
-
-
-class CStoreSender:
-    """DIMSE C-STORE (pynetdicom): one association, one C-STORE per instance.
-
-    Each SOP class is proposed with Explicit and Implicit VR Little Endian. ``timeout_s``
-    bounds the TCP connect, the association negotiation and each DIMSE response.
-    """
-
-    target = TARGET_CSTORE
-
-    def __init__(
-        self, *, host: str, port: int, called_aet: str, calling_aet: str = "ICHVOL", timeout_s: float = 60.0
-    ) -> None:
-        self.host = host
-        self.port = int(port)
-        self.called_aet = called_aet
-        self.calling_aet = calling_aet
-        self.timeout_s = timeout_s
-
-    @property
-    def destination(self) -> str:
-        return f"{self.called_aet}@{self.host}:{self.port}"
-
-    def send(self, objects: Sequence[DicomObject]) -> SendReport:
-        from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
-        from pynetdicom import AE
-
-        if not objects:
-            return SendReport(stored=())
-        where = f"C-STORE {self.destination}"
-        # Probe the port first: pynetdicom 3.0 leaks its socket when the TCP connect is
-        # refused (it calls shutdown() before close() on an unconnected socket).
-        try:
-            socket.create_connection((self.host, self.port), timeout=self.timeout_s).close()
-        except OSError as exc:
-            raise DeliveryError(f"{where}: PACS unreachable ({exc.strerror or exc})", transient=True) from exc
-        ae = AE(ae_title=self.calling_aet)
-        ae.connection_timeout = self.timeout_s
-        ae.acse_timeout = self.timeout_s
-        ae.dimse_timeout = self.timeout_s
-        ae.network_timeout = self.timeout_s
-        for sop_class in dict.fromkeys(o.sop_class_uid for o in objects):
-            ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
-        assoc = ae.associate(self.host, self.port, ae_title=self.called_aet)
-        if not assoc.is_established:
-            raise self._not_established(assoc, where)
-        stored: list[str] = []
-        warnings: list[str] = []
-        try:
-            for obj in objects:
-                try:
-                    status = assoc.send_c_store(obj.dataset)
-                except ValueError as exc:  # no accepted presentation context for this SOP class
-                    raise DeliveryError(
-                        f"{where}: the PACS does not accept {obj.dataset.SOPClassUID.name} ({obj.kind})",
-                        transient=False,
-                    ) from exc
-                except RuntimeError as exc:  # the association ended under us
-                    raise DeliveryError(f"{where}: association lost ({_short(exc)})", transient=True) from exc
-                code = int(status.Status) if "Status" in status else None
-                if code is None:
-                    raise DeliveryError(f"{where}: no answer to C-STORE of the {obj.kind}", transient=True)
-                if code not in _CSTORE_OK:
-                    transient = 0xA700 <= code <= 0xA7FF
-                    raise DeliveryError(
-                        f"{where}: C-STORE of the {obj.kind} failed with status 0x{code:04X}", transient=transient
-                    )
-                if code != 0x0000:
-                    warnings.append(f"{obj.kind}: status 0x{code:04X}")
-                stored.append(obj.sop_instance_uid)
-        finally:
-            if assoc.is_established:
-                assoc.release()
-        return SendReport(stored=tuple(stored), warnings=tuple(warnings))
-
-    @staticmethod
-    def _not_established(assoc: Any, where: str) -> DeliveryError:
-        primitive = getattr(assoc.acceptor, "primitive", None)
-        result = getattr(primitive, "result", None)
-        if assoc.is_rejected and primitive is not None and result in (1, 2):
-            reason = primitive.reason_str
-            kind = "permanently" if result == 1 else "for now"
-            return DeliveryError(f"{where}: association rejected {kind} ({reason})", transient=result == 2)
-        if result == 0:  # accepted, but none of our SOP classes: aborted by us
-            return DeliveryError(f"{where}: the PACS accepts none of the SOP classes sent", transient=False)
-        return DeliveryError(f"{where}: PACS unreachable (no association)", transient=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -404,8 +119,8 @@ class DeliveryDeps:
     """What delivery needs: settings, a session factory and the results store."""
 
     settings: Settings
-    sessions: Any  # sqlalchemy.orm.sessionmaker
-    results_store: Any  # worker.infra.object_store.ObjectStore
+    sessions: sessionmaker[Session]
+    results_store: ObjectStore
 
     @classmethod
     def from_settings(cls, settings: Settings) -> DeliveryDeps:
@@ -416,91 +131,6 @@ class DeliveryDeps:
             sessions=db.session_factory(db.make_engine(settings.database_url)),
             results_store=storage.open_store(settings.results_bucket, settings),
         )
-
-
-# --------------------------------------------------------------------------------------------
-# building the objects
-
-
-def store_key(store: Any, uri: str) -> str:
-    """The key of ``uri`` (as returned by ``store.upload_file``) in ``store``.
-
-    ``s3://bucket/key`` -> ``key``; ``file:///root/key`` -> ``key`` relative to the
-    local store's root. Raises :class:`DeliveryError` (permanent) for another bucket.
-    """
-    parts = urlsplit(uri)
-    if parts.scheme == "s3" and parts.netloc == getattr(store, "bucket", None):
-        return unquote(parts.path.lstrip("/"))
-    root = getattr(store, "root", None)
-    if parts.scheme == "file" and root is not None:
-        path = Path(unquote(parts.path))
-        try:
-            return path.relative_to(Path(root)).as_posix()
-        except ValueError:
-            pass
-    raise DeliveryError(f"artefact {uri} is not in the results store {store!r}", transient=False)
-
-
-def _download(deps: DeliveryDeps, uri: str | None, dest: Path, what: str) -> Path:
-    from worker.infra.object_store import StorageError
-
-    if not uri:
-        raise DeliveryError(f"the result has no {what}", transient=False)
-    try:
-        deps.results_store.download(store_key(deps.results_store, uri), dest)
-    except StorageError as exc:  # missing or forbidden; TransientError passes through
-        raise DeliveryError(f"cannot read the {what} ({exc.message})", transient=False) from exc
-    return dest
-
-
-def report_of(result: Result, run: Run) -> VolumeReport:
-    """The SR's numbers from a results row and its run."""
-    from worker.outputs.sr import VolumeReport
-
-    return VolumeReport(
-        volume_ml=float(result.volume_ml),
-        abc2_ml=float(result.abc2_ml),
-        n_slices=int(result.n_slices),
-        pixel_spacing_mm=(float(result.pixel_spacing_row_mm), float(result.pixel_spacing_col_mm)),
-        slab_thickness_mean_mm=float(result.slab_thickness_mean_mm),
-        series_instance_uid=str(result.series_instance_uid),
-        model_name=str(run.model_name),
-        model_version=str(run.model_version),
-        model_sha256=str(run.model_sha256 or ""),
-    )
-
-
-def build_objects(*, result: Result, run: Run, deps: DeliveryDeps, work_dir: Path) -> list[DicomObject]:
-    """SEG, SR and overlay SC of one result, as the settings ask (order: SEG, SR, overlay).
-
-    Reads ``seg.dcm`` (and ``overlay.png``) from the results store into ``work_dir``.
-    Raises :class:`DeliveryError` (permanent) for a missing or unreadable artefact and
-    :class:`TransientError` for storage trouble that may pass.
-    """
-    from worker.outputs import secondary_capture, sr
-
-    settings = deps.settings
-    seg_path = _download(deps, result.seg_uri, work_dir / "seg.dcm", "DICOM SEG (seg.dcm)")
-    try:
-        seg = pydicom.dcmread(seg_path)
-    except (pydicom.errors.InvalidDicomError, OSError, ValueError) as exc:
-        raise DeliveryError(f"the stored seg.dcm is not readable DICOM ({_short(exc)})", transient=False) from exc
-    objects: list[DicomObject] = []
-    if settings.pacs_send_seg:
-        objects.append(DicomObject(KIND_SEG, seg))
-    if settings.pacs_send_sr:
-        try:
-            objects.append(DicomObject(KIND_SR, sr.build_volume_sr(seg=seg, report=report_of(result, run))))
-        except ValueError as exc:
-            raise DeliveryError(f"the SR could not be built: {exc}", transient=False) from exc
-    if settings.pacs_send_overlay:
-        png = _download(deps, result.overlay_uri, work_dir / "overlay.png", "overlay picture (overlay.png)")
-        try:
-            rgb = secondary_capture.read_png_rgb(png)
-            objects.append(DicomObject(KIND_OVERLAY, secondary_capture.build_overlay_sc(seg=seg, rgb=rgb)))
-        except ValueError as exc:
-            raise DeliveryError(f"the overlay could not be converted: {exc}", transient=False) from exc
-    return objects
 
 
 # --------------------------------------------------------------------------------------------
@@ -646,7 +276,9 @@ def deliver_run(*, run_id: int, deps: DeliveryDeps, senders: Sequence[Sender] | 
     try:
         retry_later: list[str] = []
         try:
-            objects = build_objects(result=result, run=run, deps=deps, work_dir=scratch)
+            objects = build_objects(
+                result=result, run=run, settings=deps.settings, store=deps.results_store, work_dir=scratch
+            )
         except DeliveryError as exc:
             log.warning("run %s: nothing can be delivered: %s", run_id, exc.message)
             _fail_all(deps.sessions, [d.id for d in pending], exc.message)
@@ -723,15 +355,12 @@ def summary_json(outcomes: Sequence[DeliveryOutcome]) -> str:
     return json.dumps([o.__dict__ for o in outcomes], default=str)
 
 
-def deliver_in_process(worker_deps: Any, *, run_ids: Sequence[int]) -> list[DeliveryOutcome]:
+def deliver_in_process(deps: DeliveryDeps, *, run_ids: Sequence[int]) -> list[DeliveryOutcome]:
     """The embedded default's delivery: one attempt per run, right after processing.
 
-    ``worker_deps``: a :class:`worker.overnight.runtime.WorkerDeps`. Deliveries that meet transient
-    trouble stay ``pending`` (``ichvol redeliver --state pending`` sends them later).
+    Deliveries that meet transient trouble stay ``pending`` (``ichvol redeliver --state
+    pending`` sends them later).
     """
-    deps = DeliveryDeps(
-        settings=worker_deps.settings, sessions=worker_deps.sessions, results_store=worker_deps.results_store
-    )
     outcomes: list[DeliveryOutcome] = []
     for run_id in run_ids:
         try:
@@ -740,3 +369,21 @@ def deliver_in_process(worker_deps: Any, *, run_ids: Sequence[int]) -> list[Deli
             log.warning("run %s: delivery pending (%s)", run_id, exc.message)
             outcomes.extend(_outcomes(deps.sessions, run_id))
     return outcomes
+
+
+def runs_without_deliveries(
+    sessions: sessionmaker[Session], *, targets: list[str], run_id: int | None = None, since: datetime | None = None
+) -> list[int]:
+    """Runs with a result but no delivery row for one of ``targets``."""
+    with sessions() as session:
+        query = select(Result.run_id, Result.created_at)
+        if run_id is not None:
+            query = query.where(Result.run_id == run_id)
+        if since is not None:
+            query = query.where(Result.created_at >= since)
+        results = {int(r.run_id) for r in session.execute(query)}
+        have = session.execute(select(Delivery.run_id, Delivery.target).where(Delivery.target.in_(targets))).all()
+    covered: dict[int, set[str]] = {}
+    for row in have:
+        covered.setdefault(int(row.run_id), set()).add(str(row.target))
+    return sorted(r for r in results if not set(targets) <= covered.get(r, set()))

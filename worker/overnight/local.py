@@ -87,9 +87,10 @@ def run_local(settings: Settings, *, segmenter: Segmenter | None = None) -> tupl
             except TransientError as exc:
                 log.warning("run %s: %s; retrying", run_id, exc.message)
     if settings.pacs_targets:  # results to the PACS in process (one attempt each; see worker/delivery/deliveries.py)
-        from worker.delivery.deliveries import deliver_in_process
+        from worker.delivery.deliveries import DeliveryDeps, deliver_in_process
 
-        deliver_in_process(deps, run_ids=queue)
+        delivery = DeliveryDeps(settings=deps.settings, sessions=deps.sessions, results_store=deps.results_store)
+        deliver_in_process(delivery, run_ids=queue)
     return report, summary_rows(deps.sessions, model_version=deps.model_info.version)
 
 
