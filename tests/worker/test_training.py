@@ -20,7 +20,8 @@ from worker import cli
 from worker.core.errors import ConfigurationError
 from worker.model.weights import read_model_info
 from worker.research import training
-from worker.research.training import SliceArrays, TrainConfig, make_dataset, split_by_patient, train
+from worker.research.training import TrainConfig, train
+from worker.research.training_data import SliceArrays, make_dataset, split_by_patient
 
 
 def _discs(n: int = 16, size: int = 32, patients: int = 4, seed: int = 0) -> SliceArrays:

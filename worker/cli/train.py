@@ -128,7 +128,8 @@ def run_train_command(args: argparse.Namespace, settings: Settings) -> int:
     from worker.core.errors import ConfigurationError
     from worker.model import framework
     from worker.research import datasets
-    from worker.research.training import DEFAULT_HU_WINDOW, TrainConfig, split_by_patient, train
+    from worker.research.training import DEFAULT_HU_WINDOW, TrainConfig, train
+    from worker.research.training_data import split_by_patient
 
     framework.set_threads(settings.inference_threads)
     if args.val_data is not None and args.data is None:

@@ -50,7 +50,7 @@ import numpy.typing as npt
 
 from worker.measure.postprocess import intracranial_mask
 from worker.model import preprocess
-from worker.research.training import SliceArrays, finish_dataset
+from worker.research.training_data import SliceArrays, finish_dataset
 from worker.synth.domain_randomization import random_view, randomize_appearance
 from worker.synth.lesion_insertion import insert_lesions
 

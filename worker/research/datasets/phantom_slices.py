@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from worker.model import preprocess
-from worker.research.training import SliceArrays
+from worker.research.training_data import SliceArrays
 
 if TYPE_CHECKING:
     from worker.synth.phantom import PhantomSpec

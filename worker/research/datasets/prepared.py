@@ -79,7 +79,7 @@ from worker.research.datasets.labelled import (
     pseudonym,
     study_patient,
 )
-from worker.research.training import SliceArrays, finish_dataset
+from worker.research.training_data import SliceArrays, finish_dataset
 
 log = logging.getLogger(__name__)
 
@@ -190,7 +190,7 @@ class DatasetSplit:
     def tf_dataset(self, *, batch_size: int, shuffle: bool, augment: bool, seed: int, repeat: bool = False) -> Any:
         """Shards interleaved (order shuffled with ``seed``), records shuffled, augmented, batched, prefetched.
 
-        Deterministic under ``seed`` like :func:`worker.research.training.make_dataset`.
+        Deterministic under ``seed`` like :func:`worker.research.training_data.make_dataset`.
         """
         tf = framework.tf()
         if not self.paths:
