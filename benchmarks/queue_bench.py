@@ -187,10 +187,10 @@ def _register(settings: Any, deps: Any) -> list[int]:
 
 
 def in_process(settings: Any, *, study: Path, client: Any, rounds: int, studies: int) -> dict[str, Any]:
-    from worker.overnight import runtime
+    from worker.overnight.deps import build_deps
     from worker.overnight.processing import process_run
 
-    deps = runtime.build_deps(settings)
+    deps = build_deps(settings)
     deps.segmenter  # noqa: B018 - load (and warm) the model before timing, as a pool process does
     per_run: list[dict[str, float]] = []
     for index in range(rounds):
@@ -212,7 +212,7 @@ def in_process(settings: Any, *, study: Path, client: Any, rounds: int, studies:
     sequences: dict[str, float] = {}
     for mode in ("off", "on"):
         mode_settings = settings.replace(read_ahead=(mode == "on"))
-        mode_deps = runtime.build_deps(mode_settings, segmenter_factory=lambda: deps.segmenter)
+        mode_deps = build_deps(mode_settings, segmenter_factory=lambda: deps.segmenter)
         for index in range(studies):
             upload_study(client, settings.export_bucket, study, f"exports/ra-{mode}-{index}/")
         run_ids = _register(mode_settings, mode_deps)

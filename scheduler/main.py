@@ -14,6 +14,8 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
+from sqlalchemy.orm import Session, sessionmaker
+
 from worker.core.errors import IchvolError, TransientError
 from worker.core.settings import Settings
 
@@ -29,7 +31,7 @@ def run_scheduler(settings: Settings, *, once: bool = False, stop: threading.Eve
     from scheduler.enqueue import celery_sender
     from worker.infra import db, storage
     from worker.infra.intake import poll_once
-    from worker.overnight.runtime import model_reference
+    from worker.model.weights import model_reference
 
     stop = stop or threading.Event()
     _require_migrated(settings)
@@ -68,7 +70,7 @@ def _require_migrated(settings: Settings) -> None:
         raise ConfigurationError("the database has no schema yet: run `alembic upgrade head` first")
 
 
-def _sync_trend_config(sessions: Any, settings: Settings) -> None:
+def _sync_trend_config(sessions: sessionmaker[Session], settings: Settings) -> None:
     """Copy ICHVOL_PINNED_MODEL_VERSION into the row the trend views read (views cannot read settings)."""
     from worker.infra import db
     from worker.infra.trend_config import sync_trend_config

@@ -25,8 +25,8 @@ from worker.infra import db
 from worker.infra.intake import poll_once
 from worker.infra.storage import LocalStore
 from worker.measure.pipeline import SegmentationOptions, StudyOutcome, segment_study
+from worker.overnight.deps import WorkerDeps
 from worker.overnight.processing import process_run
-from worker.overnight.runtime import WorkerDeps
 
 #: 2 slices x 10 x 10 pixels x 0.25 mm^2 x 5 mm = 250 mm^3.
 BLOOD_VOLUME_ML = 0.25

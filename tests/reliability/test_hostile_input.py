@@ -27,8 +27,8 @@ from worker.infra import db
 from worker.infra.intake import poll_once
 from worker.infra.tables import Run, RunState, Study
 from worker.measure.pipeline import segment_study
+from worker.overnight.deps import WorkerDeps
 from worker.overnight.processing import process_run
-from worker.overnight.runtime import WorkerDeps
 
 pytestmark = [pytest.mark.integration]
 

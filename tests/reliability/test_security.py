@@ -31,8 +31,8 @@ from worker.core.settings import Settings
 from worker.infra import db
 from worker.infra.intake import poll_once
 from worker.infra.tables import Result, Run, RunState
+from worker.overnight.deps import WorkerDeps
 from worker.overnight.processing import fail_run, process_run, record_hard_time_limit
-from worker.overnight.runtime import WorkerDeps
 
 REPO = Path(__file__).resolve().parents[2]
 DOC = REPO / "docs" / "reliability.md"

@@ -42,7 +42,7 @@ from worker.infra.storage import LocalStore
 from worker.infra.tables import Delivery, DeliveryState, Result
 from worker.outputs.secondary_capture import build_overlay_sc, read_png_rgb
 from worker.outputs.sr import build_volume_sr, read_volume_report
-from worker.overnight.runtime import WorkerDeps
+from worker.overnight.deps import WorkerDeps
 
 pytestmark = pytest.mark.integration
 

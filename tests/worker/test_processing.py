@@ -17,8 +17,8 @@ from worker.core.errors import TransientError
 from worker.infra import db
 from worker.infra.intake import poll_once
 from worker.infra.tables import Result, Run, RunState, Study
+from worker.overnight.deps import WorkerDeps
 from worker.overnight.processing import claim_run, process_run
-from worker.overnight.runtime import WorkerDeps
 
 pytestmark = pytest.mark.integration
 

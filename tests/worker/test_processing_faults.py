@@ -15,6 +15,7 @@ from worker.core.settings import Settings
 from worker.infra import db
 from worker.infra.intake import poll_once
 from worker.infra.tables import Result, Run, RunState, Study
+from worker.overnight.deps import WorkerDeps
 from worker.overnight.processing import (
     _process_claimed,
     artefact_prefix,
@@ -22,7 +23,6 @@ from worker.overnight.processing import (
     process_run,
     record_hard_time_limit,
 )
-from worker.overnight.runtime import WorkerDeps
 
 pytestmark = pytest.mark.integration
 

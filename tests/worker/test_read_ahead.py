@@ -20,7 +20,8 @@ from worker.core.settings import Settings
 from worker.infra import db
 from worker.infra.intake import poll_once
 from worker.infra.tables import Result
-from worker.overnight import processing, read_ahead, runtime
+from worker.overnight import processing, read_ahead
+from worker.overnight.deps import WorkerDeps, build_deps
 from worker.overnight.local import local_settings
 from worker.overnight.processing import process_run
 
@@ -31,7 +32,7 @@ def _blood_hu() -> np.ndarray:
     return hu
 
 
-def _setup(tmp_path: Path, *, studies: int, read_ahead_on: bool = True) -> tuple[runtime.WorkerDeps, list[int]]:
+def _setup(tmp_path: Path, *, studies: int, read_ahead_on: bool = True) -> tuple[WorkerDeps, list[int]]:
     bucket = tmp_path / "bucket"
     for index in range(studies):
         write_ct_series(bucket / f"study{index}", hu=_blood_hu())
@@ -42,7 +43,7 @@ def _setup(tmp_path: Path, *, studies: int, read_ahead_on: bool = True) -> tuple
     Path(settings.work_dir).mkdir(parents=True, exist_ok=True)
     db.upgrade_to_head(settings.database_url)
     segmenter = HuBandSegmenter(input_size=32)
-    deps = runtime.build_deps(settings, segmenter_factory=lambda: segmenter, model_info=segmenter.info)
+    deps = build_deps(settings, segmenter_factory=lambda: segmenter, model_info=segmenter.info)
     queued: list[int] = []
     poll_once(
         store=deps.export_store,
@@ -54,7 +55,7 @@ def _setup(tmp_path: Path, *, studies: int, read_ahead_on: bool = True) -> tuple
     return deps, sorted(queued)
 
 
-def _wait(deps: runtime.WorkerDeps) -> read_ahead.ReadAhead:
+def _wait(deps: WorkerDeps) -> read_ahead.ReadAhead:
     current = read_ahead.for_process(deps)
     assert current is not None
     thread = current._thread
@@ -75,7 +76,7 @@ def _count_downloads(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return calls
 
 
-def _volumes(deps: runtime.WorkerDeps) -> dict[int, float]:
+def _volumes(deps: WorkerDeps) -> dict[int, float]:
     with deps.sessions() as session:
         return {r.run_id: r.volume_ml for r in session.scalars(select(Result))}
 

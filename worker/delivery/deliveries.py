@@ -155,7 +155,7 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
-def create_deliveries(sessions: Any, *, run_id: int, senders: Sequence[Sender]) -> int:
+def create_deliveries(sessions: sessionmaker[Session], *, run_id: int, senders: Sequence[Sender]) -> int:
     """Insert a ``pending`` row per target for the run's result (idempotent).
 
     Returns how many of the run's deliveries to these targets are ``pending`` now. A run
@@ -189,7 +189,7 @@ def create_deliveries(sessions: Any, *, run_id: int, senders: Sequence[Sender]) 
 
 
 def _record(
-    sessions: Any,
+    sessions: sessionmaker[Session],
     *,
     delivery_id: int,
     state: DeliveryState,
@@ -212,7 +212,7 @@ def _record(
         session.execute(update(Delivery).where(Delivery.id == delivery_id).values(**values))
 
 
-def _fail_all(sessions: Any, delivery_ids: Sequence[int], message: str) -> None:
+def _fail_all(sessions: sessionmaker[Session], delivery_ids: Sequence[int], message: str) -> None:
     with db.transaction(sessions) as session:
         session.execute(
             update(Delivery)
@@ -227,7 +227,7 @@ def _fail_all(sessions: Any, delivery_ids: Sequence[int], message: str) -> None:
         )
 
 
-def _outcomes(sessions: Any, run_id: int) -> list[DeliveryOutcome]:
+def _outcomes(sessions: sessionmaker[Session], run_id: int) -> list[DeliveryOutcome]:
     with sessions() as session:
         rows = session.scalars(select(Delivery).where(Delivery.run_id == run_id).order_by(Delivery.id)).all()
     return [
@@ -334,7 +334,9 @@ def _after_failure(
     return None
 
 
-def requeue(sessions: Any, *, states: Sequence[str] = ("failed",), run_id: int | None = None) -> list[int]:
+def requeue(
+    sessions: sessionmaker[Session], *, states: Sequence[str] = ("failed",), run_id: int | None = None
+) -> list[int]:
     """Make the matching deliveries ``pending`` again with ``attempts`` at 0; returns their run ids.
 
     ``states``: which deliveries to resend (``failed``, ``pending``, ``sent``).

@@ -27,11 +27,13 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import and_, or_, update
+from sqlalchemy.orm import Session, sessionmaker
 
 from worker.core.errors import ErrorCode, TransientError
 from worker.core.settings import Settings
 from worker.infra import db
 from worker.infra.listing import StudyListing, group_studies, normalise_prefix
+from worker.infra.object_store import ObjectStore
 from worker.infra.tables import Run, RunState, Study
 from worker.model.weights import ModelInfo
 
@@ -84,7 +86,7 @@ def _chunks(items: Sequence[Any], size: int = CHUNK) -> list[Sequence[Any]]:
 
 
 def register(
-    sessions: Any, *, bucket: str, studies: Sequence[StudyListing], model: ModelInfo, now: datetime
+    sessions: sessionmaker[Session], *, bucket: str, studies: Sequence[StudyListing], model: ModelInfo, now: datetime
 ) -> list[tuple[int, str]]:
     """Insert new study versions and their runs in one transaction; return ``(run_id, task_id)``."""
     new_runs: list[tuple[int, str]] = []
@@ -131,7 +133,7 @@ def register(
     return new_runs
 
 
-def recover(sessions: Any, *, settings: Settings, now: datetime) -> tuple[list[tuple[int, str]], int]:
+def recover(sessions: sessionmaker[Session], *, settings: Settings, now: datetime) -> tuple[list[tuple[int, str]], int]:
     """Re-send runs stuck in ``queued``; requeue or bury runs whose worker vanished.
 
     Returns the runs to send again and how many were marked dead. Each run is taken by a
@@ -173,7 +175,7 @@ def recover(sessions: Any, *, settings: Settings, now: datetime) -> tuple[list[t
     return [(int(r.id), str(r.celery_task_id or uuid.uuid4())) for r in resend], dead
 
 
-def _mark_unsent(sessions: Any, *, run_ids: Sequence[int], settings: Settings, now: datetime) -> None:
+def _mark_unsent(sessions: sessionmaker[Session], *, run_ids: Sequence[int], settings: Settings, now: datetime) -> None:
     """Runs whose message could not be sent: make the next poll re-send them."""
     if not run_ids:
         return
@@ -186,8 +188,8 @@ def _mark_unsent(sessions: Any, *, run_ids: Sequence[int], settings: Settings, n
 
 def poll_once(
     *,
-    store: Any,
-    sessions: Any,
+    store: ObjectStore,
+    sessions: sessionmaker[Session],
     settings: Settings,
     model: ModelInfo,
     enqueue: Enqueue,

@@ -17,12 +17,15 @@ import json
 import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
 
 from worker.core.errors import ModelFileError
+
+if TYPE_CHECKING:
+    from worker.core.settings import Settings
 
 METADATA_MEMBER = "ichvol.json"
 DEFAULT_WEIGHTS_DIR = Path(__file__).parents[1] / "weights"
@@ -141,6 +144,12 @@ def read_model_info(path: Path, *, sha256: str | None = None) -> ModelInfo:
     except json.JSONDecodeError as exc:
         raise ModelFileError(f"{path.name}: metadata is not valid JSON: {exc}") from None
     return ModelInfo.from_json(data, sha256=sha256 if sha256 is not None else sha256_of(path))
+
+
+def model_reference(settings: Settings) -> ModelInfo:
+    """The configured model's metadata and checksum (``ICHVOL_MODEL``), read without TensorFlow."""
+    path, _ = resolve_model_path(settings.model_path)
+    return read_model_info(path)
 
 
 def write_model_info(path: Path, info: ModelInfo) -> None:

@@ -12,12 +12,13 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
 
 from worker.core.errors import TransientError
 from worker.core.settings import Settings
+from worker.infra.intake import PollReport
 from worker.model.weights import Segmenter
 
 log = logging.getLogger(__name__)
@@ -52,7 +53,7 @@ def local_settings(settings: Settings, *, bucket_dir: Path, state_dir: Path, qui
     )
 
 
-def run_local(settings: Settings, *, segmenter: Segmenter | None = None) -> tuple[Any, list[LocalRow]]:
+def run_local(settings: Settings, *, segmenter: Segmenter | None = None) -> tuple[PollReport, list[LocalRow]]:
     """Migrate the SQLite database, poll once, process every enqueued run in process.
 
     ``segmenter`` defaults to the configured weights. Returns the poll report and one row per
@@ -61,15 +62,16 @@ def run_local(settings: Settings, *, segmenter: Segmenter | None = None) -> tupl
     from worker.infra import db
     from worker.infra.intake import poll_once
     from worker.overnight import runtime
+    from worker.overnight.deps import build_deps
     from worker.overnight.processing import process_run
 
     Path(settings.work_dir).mkdir(parents=True, exist_ok=True)
     db.upgrade_to_head(settings.database_url)
     if segmenter is None:
-        deps = runtime.build_deps(settings)
+        deps = build_deps(settings)
     else:
         chosen = segmenter
-        deps = runtime.build_deps(settings, segmenter_factory=lambda: chosen, model_info=chosen.info)
+        deps = build_deps(settings, segmenter_factory=lambda: chosen, model_info=chosen.info)
     runtime.set_deps(deps)
     queue: list[int] = []
     report = poll_once(
@@ -87,14 +89,13 @@ def run_local(settings: Settings, *, segmenter: Segmenter | None = None) -> tupl
             except TransientError as exc:
                 log.warning("run %s: %s; retrying", run_id, exc.message)
     if settings.pacs_targets:  # results to the PACS in process (one attempt each; see worker/delivery/deliveries.py)
-        from worker.delivery.deliveries import DeliveryDeps, deliver_in_process
+        from worker.delivery.deliveries import deliver_in_process
 
-        delivery = DeliveryDeps(settings=deps.settings, sessions=deps.sessions, results_store=deps.results_store)
-        deliver_in_process(delivery, run_ids=queue)
+        deliver_in_process(deps.delivery(), run_ids=queue)
     return report, summary_rows(deps.sessions, model_version=deps.model_info.version)
 
 
-def summary_rows(sessions: Any, *, model_version: str) -> list[LocalRow]:
+def summary_rows(sessions: sessionmaker[Session], *, model_version: str) -> list[LocalRow]:
     from worker.infra.tables import Result, Run, Study
 
     with sessions() as session:

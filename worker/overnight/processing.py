@@ -33,10 +33,10 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from datetime import time as dtime
 from pathlib import Path
-from typing import Any
 
 from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy import update
+from sqlalchemy.orm import Session
 
 from worker.core.ct import CtSeries, StudyInfo
 from worker.core.errors import ErrorCode, ModelFileError, StudyError, TransientError
@@ -45,7 +45,7 @@ from worker.infra import db
 from worker.infra.tables import Result, Run, RunState, Study
 from worker.measure.pipeline import ARTEFACT_NAMES, SegmentationOptions, StudyOutcome, segment_study
 from worker.overnight import read_ahead
-from worker.overnight.runtime import WorkerDeps
+from worker.overnight.deps import WorkerDeps
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ def _claimer_is_gone(worker: str | None) -> bool:
     return False
 
 
-def _bury_if_lost_every_time(deps: WorkerDeps, session: Any, run_id: int) -> str | None:
+def _bury_if_lost_every_time(deps: WorkerDeps, session: Session, run_id: int) -> str | None:
     """Mark the run ``dead`` if every one of its deliveries lost its process; its artefact prefix.
 
     A study that kills the pool process (a decoder crash, out of memory) is redelivered at
@@ -303,7 +303,7 @@ def record_hard_time_limit(deps: WorkerDeps, *, run_id: int, task_id: str | None
     return True
 
 
-def _update_study_identifiers(session: Any, study_id: int, info: StudyInfo) -> None:
+def _update_study_identifiers(session: Session, study_id: int, info: StudyInfo) -> None:
     study = session.get(Study, study_id)
     if study is None:
         return

@@ -34,12 +34,12 @@ import threading
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 from sqlalchemy import or_, select
 
 from worker.core.ct import CtSeries
 from worker.infra.tables import Run, RunState, Study
+from worker.overnight.deps import WorkerDeps
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ class Prepared:
     series: CtSeries
 
 
-def next_queued_run(deps: Any, *, exclude_run_id: int) -> NextRun | None:
+def next_queued_run(deps: WorkerDeps, *, exclude_run_id: int) -> NextRun | None:
     """The oldest run ``queued`` for this worker's model version and due now (not ``exclude_run_id``)."""
     now = datetime.now(UTC)
     with deps.sessions() as session:
@@ -82,7 +82,7 @@ def next_queued_run(deps: Any, *, exclude_run_id: int) -> NextRun | None:
     return NextRun(run_id=int(row.id), prefix=str(row.prefix), fingerprint=str(row.fingerprint))
 
 
-def _listing_fingerprint(deps: Any, prefix: str) -> tuple[str, list[str]]:
+def _listing_fingerprint(deps: WorkerDeps, prefix: str) -> tuple[str, list[str]]:
     from worker.infra.listing import fingerprint_of, study_objects
 
     objects = study_objects(deps.export_store.iter_objects(prefix), marker_name=deps.settings.marker_name)
@@ -92,7 +92,7 @@ def _listing_fingerprint(deps: Any, prefix: str) -> tuple[str, list[str]]:
 class ReadAhead:
     """One process's read-ahead: at most one study in flight or ready."""
 
-    def __init__(self, deps: Any) -> None:
+    def __init__(self, deps: WorkerDeps) -> None:
         self._deps = deps
         self._root = Path(deps.settings.work_dir) / "read-ahead" / str(os.getpid())
         self._lock = threading.Lock()
@@ -226,7 +226,7 @@ def _remove_stale(parent: Path) -> None:
 _per_process: dict[int, ReadAhead] = {}
 
 
-def for_process(deps: Any) -> ReadAhead | None:
+def for_process(deps: WorkerDeps) -> ReadAhead | None:
     """This process's read-ahead when ``ICHVOL_READ_AHEAD`` is on (rebuilt after a fork), else None."""
     if not getattr(deps.settings, "read_ahead", False):
         return None
@@ -241,7 +241,7 @@ def for_process(deps: Any) -> ReadAhead | None:
     return current
 
 
-def take(deps: Any, *, run_id: int, fingerprint: str, dest: Path) -> CtSeries | None:
+def take(deps: WorkerDeps, *, run_id: int, fingerprint: str, dest: Path) -> CtSeries | None:
     """:meth:`ReadAhead.take` for this process; None when read-ahead is off or missed."""
     read_ahead = for_process(deps)
     if read_ahead is None:
@@ -251,7 +251,7 @@ def take(deps: Any, *, run_id: int, fingerprint: str, dest: Path) -> CtSeries | 
     return None
 
 
-def start_next(deps: Any, *, current_run_id: int) -> None:
+def start_next(deps: WorkerDeps, *, current_run_id: int) -> None:
     """Start reading ahead the run after ``current_run_id`` (no-op when off or already busy)."""
     read_ahead = for_process(deps)
     if read_ahead is not None:

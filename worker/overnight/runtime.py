@@ -14,93 +14,20 @@ import json
 import logging
 import os
 import socket
-import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from worker.core.errors import IchvolError, ModelFileError
 from worker.core.settings import Settings
-from worker.model.weights import ModelInfo, Segmenter, read_model_info, resolve_model_path
+from worker.overnight.deps import WorkerDeps, build_deps
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class WorkerDeps:
-    """What a task needs, built once per process."""
-
-    settings: Settings
-    sessions: Any  # sqlalchemy.orm.sessionmaker
-    export_store: Any  # worker.infra.object_store.ObjectStore
-    results_store: Any
-    model_info: ModelInfo
-    segmenter_factory: Callable[[], Segmenter]
-    _segmenter: Segmenter | None = None
-    _lock: threading.Lock = field(default_factory=threading.Lock)
-
-    @property
-    def segmenter(self) -> Segmenter:
-        if self._segmenter is None:
-            with self._lock:
-                if self._segmenter is None:
-                    self._segmenter = self.segmenter_factory()
-        return self._segmenter
-
-    @property
-    def segmenter_loaded(self) -> bool:
-        return self._segmenter is not None
 
 
 _deps: WorkerDeps | None = None
 _deps_pid: int | None = None
 _status: dict[str, Any] = {}
-
-
-def model_reference(settings: Settings) -> ModelInfo:
-    """The configured model's metadata and checksum, read without TensorFlow."""
-    path, _ = resolve_model_path(settings.model_path)
-    return read_model_info(path)
-
-
-def build_deps(
-    settings: Settings,
-    *,
-    segmenter_factory: Callable[[], Segmenter] | None = None,
-    model_info: ModelInfo | None = None,
-) -> WorkerDeps:
-    """Engine, stores and a lazy segmenter for this process.
-
-    ``segmenter_factory`` and ``model_info`` replace the configured weights file (the demo
-    and tests inject their own segmenter).
-    """
-    from worker.infra import db, storage
-
-    engine = db.make_engine(settings.database_url)
-    info = model_info or model_reference(settings)
-
-    def default_factory() -> Segmenter:
-        from worker.model import framework
-        from worker.model.engines import load_segmenter
-
-        framework.set_threads(settings.inference_threads)
-        return load_segmenter(
-            settings.model_path,
-            batch_size=settings.inference_batch_size,
-            engine=settings.inference_engine,
-            threads=settings.inference_threads,
-        )
-
-    return WorkerDeps(
-        settings=settings,
-        sessions=db.session_factory(engine),
-        export_store=storage.open_store(settings.export_bucket, settings),
-        results_store=storage.open_store(settings.results_bucket, settings),
-        model_info=info,
-        segmenter_factory=segmenter_factory or default_factory,
-    )
 
 
 def get_deps(settings: Settings | None = None) -> WorkerDeps:

@@ -16,11 +16,12 @@ from celery.worker.control import inspect_command
 @inspect_command()  # type: ignore[untyped-decorator]
 def model_info(state: Any, **_: Any) -> dict[str, Any]:
     """Model name, version, weights sha256, device, loaded, studies processed."""
+    from worker.model.weights import model_reference
     from worker.overnight import runtime
 
     settings = state.consumer.app.conf.ichvol_settings
     try:
-        info = runtime.model_reference(settings)
+        info = model_reference(settings)
         model: dict[str, Any] = {
             "name": info.name,
             "version": info.version,

@@ -15,6 +15,7 @@ from typing import Any
 from worker.celery import app
 from worker.core.errors import TransientError
 from worker.delivery.deliveries import TASK_DELIVER
+from worker.overnight.deps import WorkerDeps
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ def deliver_task(self: Any, run_id: int) -> dict[str, Any]:
     return {"run_id": run_id, "deliveries": {o.target: o.state for o in outcomes}}
 
 
-def enqueue_delivery(*, run_id: int, deps: Any) -> bool:
+def enqueue_delivery(*, run_id: int, deps: WorkerDeps) -> bool:
     """Create the run's delivery rows and send ``ichvol.deliver`` if one is pending; never raises.
 
     Called after the result committed, also for a redelivered, already finished run (a
