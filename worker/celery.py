@@ -1,4 +1,6 @@
-"""The Celery application (``celery -A worker worker`` finds ``app`` here). App only.
+"""The Celery application (``celery -A worker worker`` finds ``app`` here): the app and its signals.
+
+With :mod:`worker.tasks` it is the Celery adapter, the only code that imports Celery.
 
 Delivery guarantees for long GPU tasks:
 
@@ -25,8 +27,10 @@ from typing import Any
 from celery import Celery, signals
 
 from worker.core.settings import Settings
+from worker.tasks.names import TASK_DELIVER, TASK_PROCESS_RUN
 
-TASK_PROCESS_RUN = "ichvol.process_run"
+__all__ = ["TASK_DELIVER", "TASK_PROCESS_RUN", "app", "create_app"]
+
 #: How long a new pool process may take to start (it loads the model before it reports
 #: "up"). Celery's default, 4 s, is shorter than loading TensorFlow and the weights: a pool
 #: process that died (killed, out of memory) was then replaced by one killed for being

@@ -11,6 +11,7 @@ from sqlalchemy import select, update
 from tests.helpers.dicom_builders import write_ct_series
 from tests.helpers.hostile import MemoryStore
 from tests.helpers.segmenters import HuBandSegmenter
+from worker.core.errors import SoftTimeLimitReached
 from worker.core.settings import Settings
 from worker.infra import db
 from worker.infra.intake import poll_once
@@ -207,3 +208,26 @@ def test_a_run_whose_every_delivery_died_is_buried(
         assert artefacts(store) == []
     else:
         assert claim is not None and run.state is RunState.RUNNING and run.attempts == attempts + 1
+
+
+class OutOfTimeSegmenter(HuBandSegmenter):
+    """Runs out of time in the model call, as the task's soft time limit interrupts it there."""
+
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        raise SoftTimeLimitReached("the soft time limit was reached")
+
+
+def test_the_soft_time_limit_fails_the_run_with_time_limit(pg_migrated_url: str, tmp_path: Path) -> None:
+    store = MemoryStore()
+    store.put_objects("exports/s/", blood_study(tmp_path / "s"))
+    deps = make_deps(pg_migrated_url, store, tmp_path, soft_time_limit_s=30.0, hard_time_limit_s=60.0)
+    slow = OutOfTimeSegmenter(input_size=32)
+    deps.segmenter_factory = lambda: slow
+    (run_id,) = register(deps)
+    outcome = process_run(run_id=run_id, deps=deps, task_id="t")
+    assert (outcome.state, outcome.error_code) == ("failed", "time_limit")
+    assert "soft time limit of 30 s" in (outcome.error_message or "")
+    assert artefacts(store) == []
+    with deps.sessions() as s:
+        run = s.get(Run, run_id)
+        assert run is not None and run.state is RunState.FAILED and run.error_code == "time_limit"

@@ -81,17 +81,12 @@ def run_redeliver_command(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _enqueue(run_ids: list[int], settings: Settings) -> int:
-    from celery import Celery
+    from worker.tasks.send import send_deliveries
 
-    from worker.delivery.deliveries import TASK_DELIVER
-
-    app = Celery("ichvol-redeliver", broker=settings.broker_url)
-    app.conf.update(broker_connection_retry_on_startup=True, task_serializer="json")
     try:
-        for run_id in run_ids:
-            app.send_task(TASK_DELIVER, args=[run_id], queue=settings.queue_name)
-    except Exception as exc:  # kombu's OperationalError and socket errors: the broker is down
-        print(f"redeliver: broker unavailable ({type(exc).__name__}); deliveries stay pending")
+        send_deliveries(run_ids, settings)
+    except TransientError as exc:
+        print(f"redeliver: broker unavailable ({exc.message}); deliveries stay pending")
         return 1
     print(f"redeliver: {len(run_ids)} runs sent to the workers")
     return 0

@@ -6,6 +6,9 @@
 * :class:`TransientError` -- S3, database or broker trouble. The worker retries with
   exponential backoff, then gives up with the run marked failed or dead.
 * :class:`ConfigurationError` -- a setting is missing or malformed; fails at start.
+* :class:`SoftTimeLimitReached` -- the task ran out of time; the run is recorded as failed
+  (``time_limit``) and never retried. The task runner's own signal is turned into it by
+  :mod:`worker.tasks.base`, so nothing below the tasks knows the task runner.
 """
 
 from __future__ import annotations
@@ -78,3 +81,11 @@ class ConfigurationError(IchvolError):
 
 class ModelFileError(IchvolError):
     """A weights file is missing, unreadable, of the wrong format or fails its checksum."""
+
+
+class SoftTimeLimitReached(IchvolError):
+    """The task's soft time limit (``ICHVOL_SOFT_TIME_LIMIT_S``) was reached while it ran.
+
+    Raised wherever the code happens to be, like an interrupt: broad "bad input"
+    handlers must let it pass (:func:`worker.imaging.dicom_files.must_propagate`).
+    """

@@ -58,10 +58,6 @@ from worker.infra.tables import Delivery, DeliveryState, Result, Run
 
 log = logging.getLogger(__name__)
 
-#: Celery task name of a delivery (sent by name, so senders need not import the task module).
-TASK_DELIVER = "ichvol.deliver"
-
-
 # --------------------------------------------------------------------------------------------
 # configuration
 

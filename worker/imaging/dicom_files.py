@@ -38,7 +38,7 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from worker.core.errors import ErrorCode, StudyError, TransientError
+from worker.core.errors import ErrorCode, SoftTimeLimitReached, StudyError, TransientError
 
 logger = logging.getLogger(__name__)
 
@@ -142,10 +142,12 @@ def must_propagate(exc: BaseException) -> bool:
 
     Handlers around pydicom and the decoder plugins catch broadly (they raise many types,
     and pyo3-based plugins raise ``PanicException``, a BaseException), but interpreter
-    exits and the worker's time limits must pass: Celery's ``SoftTimeLimitExceeded`` is an
-    ``Exception`` raised wherever the code happens to be, and must not become "not DICOM".
+    exits and the worker's time limits must pass: the soft time limit
+    (:class:`~worker.core.errors.SoftTimeLimitReached`, or the task runner's own exception
+    where the tasks did not translate it) is raised wherever the code happens to be, and
+    must not become "not DICOM".
     """
-    if isinstance(exc, KeyboardInterrupt | SystemExit | GeneratorExit):
+    if isinstance(exc, KeyboardInterrupt | SystemExit | GeneratorExit | SoftTimeLimitReached):
         return True
     return any(cls.__name__ in _PASS_THROUGH for cls in type(exc).__mro__)
 

@@ -1,4 +1,4 @@
-"""One queued run from the bucket to a result row: the plain function behind the Celery task.
+"""One queued run from the bucket to a result row: the plain function behind the processing task.
 
 Idempotency and exactly-one-result rules:
 
@@ -34,12 +34,11 @@ from datetime import UTC, date, datetime
 from datetime import time as dtime
 from pathlib import Path
 
-from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy import update
 from sqlalchemy.orm import Session
 
 from worker.core.ct import CtSeries, StudyInfo
-from worker.core.errors import ErrorCode, ModelFileError, StudyError, TransientError
+from worker.core.errors import ErrorCode, ModelFileError, SoftTimeLimitReached, StudyError, TransientError
 from worker.core.logs import log_context
 from worker.infra import db
 from worker.infra.tables import Result, Run, RunState, Study
@@ -494,7 +493,7 @@ def _process_claimed(deps: WorkerDeps, claim: _Claim) -> RunOutcome:
         except TransientError as error:
             release_for_retry(deps, claim, message=error.message, delay_s=settings.retry_backoff_s)
             raise
-        except SoftTimeLimitExceeded:
+        except SoftTimeLimitReached:
             message = f"the study took longer than the soft time limit of {settings.soft_time_limit_s:.0f} s"
             if _finish(
                 deps,

@@ -3,7 +3,7 @@
 Sent by :func:`enqueue_delivery` only after the result's transaction committed (from
 ``ichvol.process_run`` once it succeeded). Transient PACS trouble retries with
 exponential backoff (``ICHVOL_PACS_RETRY_BACKOFF_S`` doubling up to
-``ICHVOL_PACS_RETRY_BACKOFF_MAX_S``); :func:`deliver_run` itself marks a delivery
+``ICHVOL_PACS_RETRY_BACKOFF_MAX_S``, :class:`worker.tasks.base.IchvolTask`); :func:`deliver_run` itself marks a delivery
 ``failed`` after ``ICHVOL_PACS_MAX_ATTEMPTS`` attempts, so the retries stop there too.
 """
 
@@ -13,35 +13,30 @@ import logging
 from typing import Any
 
 from worker.celery import app
-from worker.core.errors import TransientError
-from worker.delivery.deliveries import TASK_DELIVER
 from worker.overnight.deps import WorkerDeps
+from worker.tasks.base import IchvolTask
+from worker.tasks.names import TASK_DELIVER
 
 log = logging.getLogger(__name__)
 
 
-def _backoff_s(retries: int, *, base_s: float, max_s: float) -> float:
-    return float(min(max_s, base_s * (2 ** max(0, retries))))
-
-
-@app.task(name=TASK_DELIVER, bind=True, acks_late=True, reject_on_worker_lost=True, max_retries=None)  # type: ignore[untyped-decorator]
-def deliver_task(self: Any, run_id: int) -> dict[str, Any]:
+@app.task(  # type: ignore[untyped-decorator]
+    name=TASK_DELIVER,
+    base=IchvolTask,
+    backoff_settings=("pacs_retry_backoff_s", "pacs_retry_backoff_max_s"),
+    bind=True,
+    acks_late=True,
+    reject_on_worker_lost=True,
+    max_retries=None,
+)
+def deliver_task(self: IchvolTask, run_id: int) -> dict[str, Any]:
     from worker.core.logs import log_context
-    from worker.delivery.deliveries import DeliveryDeps, deliver_run
+    from worker.delivery.deliveries import deliver_run
     from worker.overnight import runtime
 
-    worker_deps = runtime.get_deps(app.conf.ichvol_settings)
-    settings = worker_deps.settings
-    deps = DeliveryDeps(settings=settings, sessions=worker_deps.sessions, results_store=worker_deps.results_store)
+    deps = runtime.get_deps(app.conf.ichvol_settings).delivery()
     with log_context(run_id=run_id, task_id=self.request.id):
-        try:
-            outcomes = deliver_run(run_id=int(run_id), deps=deps)
-        except TransientError as exc:
-            delay = _backoff_s(
-                self.request.retries, base_s=settings.pacs_retry_backoff_s, max_s=settings.pacs_retry_backoff_max_s
-            )
-            log.info("delivery of run %s retried in %.0f s: %s", run_id, delay, exc.message)
-            raise self.retry(exc=exc, countdown=delay) from None
+        outcomes = deliver_run(run_id=int(run_id), deps=deps)  # TransientError: the base retries with backoff
     return {"run_id": run_id, "deliveries": {o.target: o.state for o in outcomes}}
 
 
