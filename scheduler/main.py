@@ -1,6 +1,9 @@
 """The scheduler process: poll the export bucket every interval until stopped.
 
-``ichvol scheduler`` and ``python -m scheduler`` both land here. SIGTERM/SIGINT end
+``python -m scheduler`` runs here, and so does ``ichvol scheduler``, which starts
+``python -m scheduler`` in its own place (:mod:`worker.cli.scheduler`). The scheduler
+imports only the worker's core, infra and model metadata, never TensorFlow or the task
+code; it sends runs by task name (:mod:`scheduler.enqueue`). SIGTERM/SIGINT end
 the loop after the poll in progress. Transient trouble (S3, database, broker) is
 logged and the next poll tries again; the process does not exit for it.
 """
@@ -22,9 +25,10 @@ from worker.core.settings import Settings
 log = logging.getLogger(__name__)
 
 
-def add_scheduler_arguments(parser: argparse.ArgumentParser) -> None:
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--once", action="store_true", help="poll once, print the counts and exit")
     parser.add_argument("--interval", type=float, help="seconds between polls (default ICHVOL_POLL_INTERVAL_S)")
+    parser.add_argument("--log-level", help="override ICHVOL_LOG_LEVEL")
 
 
 def run_scheduler(settings: Settings, *, once: bool = False, stop: threading.Event | None = None) -> int:
@@ -34,10 +38,10 @@ def run_scheduler(settings: Settings, *, once: bool = False, stop: threading.Eve
     from worker.model.weights import model_reference
 
     stop = stop or threading.Event()
-    _require_migrated(settings)
+    require_migrated(settings)
     model = model_reference(settings)
     sessions = db.session_factory(db.make_engine(settings.database_url))
-    _sync_trend_config(sessions, settings)
+    sync_trend_config_at_start(sessions, settings)
     store = storage.open_store(settings.export_bucket, settings)
     enqueue = celery_sender(settings)
     log.info(
@@ -62,7 +66,7 @@ def run_scheduler(settings: Settings, *, once: bool = False, stop: threading.Eve
             return 0
 
 
-def _require_migrated(settings: Settings) -> None:
+def require_migrated(settings: Settings) -> None:
     from worker.core.errors import ConfigurationError
     from worker.infra import db
 
@@ -70,7 +74,7 @@ def _require_migrated(settings: Settings) -> None:
         raise ConfigurationError("the database has no schema yet: run `alembic upgrade head` first")
 
 
-def _sync_trend_config(sessions: sessionmaker[Session], settings: Settings) -> None:
+def sync_trend_config_at_start(sessions: sessionmaker[Session], settings: Settings) -> None:
     """Copy ICHVOL_PINNED_MODEL_VERSION into the row the trend views read (views cannot read settings)."""
     from worker.infra import db
     from worker.infra.trend_config import sync_trend_config
@@ -84,7 +88,7 @@ def _sync_trend_config(sessions: sessionmaker[Session], settings: Settings) -> N
 
 def main(argv: Sequence[str] | None = None, settings: Settings | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m scheduler", description="Poll the PACS export bucket.")
-    add_scheduler_arguments(parser)
+    add_arguments(parser)
     args = parser.parse_args(argv)
     return run_from_args(args, settings)
 
@@ -98,7 +102,7 @@ def run_from_args(args: argparse.Namespace, settings: Settings | None = None) ->
         settings = settings or Settings.from_env()
         if args.interval is not None:
             settings = settings.replace(poll_interval_s=args.interval)
-        configure_logging(level=settings.log_level, fmt=settings.log_format)
+        configure_logging(level=getattr(args, "log_level", None) or settings.log_level, fmt=settings.log_format)
         stop = threading.Event()
 
         def _stop(signum: int, _frame: Any) -> None:

@@ -187,12 +187,12 @@ def test_least_privilege_roles_are_enough_and_no_more(privileged_cluster: Any, t
     )
 
     # the scheduler: migrated-check, trend configuration, registration, recovery
-    from scheduler.main import _require_migrated, _sync_trend_config
+    from scheduler.main import require_migrated, sync_trend_config_at_start
 
     scheduler_settings = base.replace(database_url=scheduler_url)
-    _require_migrated(scheduler_settings)
+    require_migrated(scheduler_settings)
     scheduler_sessions = db.session_factory(db.make_engine(scheduler_url))
-    _sync_trend_config(scheduler_sessions, scheduler_settings)
+    sync_trend_config_at_start(scheduler_sessions, scheduler_settings)
     sent: list[int] = []
     report = poll_once(
         store=store,

@@ -63,11 +63,11 @@ def test_a_tampered_default_fails_its_checksum(tmp_path: Path, monkeypatch: pyte
 
 
 def test_segment_and_demo_use_the_default_weights_when_no_model_is_set() -> None:
-    from worker.cli import _load_segmenter
+    from worker.model.engines import configured_segmenter
 
     settings = Settings.from_env({})
     assert settings.model_path in (None, "")
-    segmenter = _load_segmenter(settings)
+    segmenter = configured_segmenter(settings, lazy=True)  # what `ichvol segment` and `ichvol demo` load
     assert segmenter.info.version == read_model_info(default_model_path()).version
     assert segmenter.info.sha256 == expected_default_sha256()
 

@@ -16,7 +16,8 @@ import pydicom
 import pytest
 
 from tests.helpers.phantom import ellipsoid_volume_error_pct, hu_from_dataset, read_series, voxel_centres_mm
-from worker.cli.phantom import add_phantom_arguments, run_phantom_command
+from worker.cli import phantom as phantom_command
+from worker.core.settings import Settings
 from worker.synth.phantom import (
     DISCLAIMER,
     LesionSpec,
@@ -595,7 +596,7 @@ def test_generate_batch_varies_kinds(tmp_path: Path) -> None:
 
 def _parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="ichvol phantom")
-    add_phantom_arguments(parser)
+    phantom_command.add_arguments(parser)
     return parser.parse_args(argv)
 
 
@@ -625,7 +626,7 @@ def test_cli_writes_a_study_and_prints_the_true_volume(tmp_path: Path, capsys: p
             "jpegls",
         ]
     )
-    assert run_phantom_command(args) == 0
+    assert phantom_command.run(args, Settings()) == 0
     out = capsys.readouterr().out
     truth = json.loads((tmp_path / "out" / "truth" / "truth.json").read_text())
     assert out.count("\n") == 1
@@ -637,7 +638,7 @@ def test_cli_writes_a_study_and_prints_the_true_volume(tmp_path: Path, capsys: p
 
 def test_cli_bad_option_exits_2_with_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     args = _parse([str(tmp_path / "out"), "--rows", "8"])
-    assert run_phantom_command(args) == 2
+    assert phantom_command.run(args, Settings()) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1
     assert "rows and columns" in err

@@ -185,22 +185,13 @@ def test_database_without_trend_views_exits_2(pg_url: str, capsys: pytest.Captur
     assert err.count("\n") == 1
 
 
-def test_through_the_ichvol_command(
-    url: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """``worker.cli.main`` with ``--database-url`` (wired here the way worker/cli.py wires it, if it does not yet)."""
+def test_through_the_ichvol_command(url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """``worker.cli.main`` with ``--database-url``."""
     from worker import cli
 
     parser = cli.build_parser()
     subcommands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    if "trends" not in subcommands.choices:
-
-        def add_trends(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-            p = sub.add_parser("trends", help="hematoma volume timelines and expansion")
-            trends_command.add_arguments(p)
-            p.set_defaults(handler=trends_command.run)
-
-        monkeypatch.setattr(cli, "SUBCOMMANDS", [*cli.SUBCOMMANDS, add_trends])
+    assert "trends" in subcommands.choices
     assert cli.main(["trends", "--database-url", url, "--patient", "NOBODY", "--no-plot"]) == 2
     assert "no measured study for PatientID 'NOBODY'" in capsys.readouterr().err
     assert cli.main(["trends", "--database-url", url, "--patient", "P-grow", "--no-plot"]) == 0

@@ -31,7 +31,7 @@ def _labels(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected label numbers separated by commas, got {text!r}") from None
 
 
-def add_dataset_arguments(p: argparse.ArgumentParser) -> None:
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("out_dir", type=Path, metavar="OUT_DIR", help="new (or empty) folder for the TFRecords")
     source = p.add_argument_group("source (2-D images with masks, or CT studies)")
     source.add_argument("--images", type=Path, help="folder of windowed 8-bit slices (PNG/JPEG/BMP)")
@@ -65,7 +65,7 @@ def add_dataset_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--skip-bad", action="store_true", help="studies: skip unusable ones (listed) instead of failing")
 
 
-def run_dataset_command(args: argparse.Namespace, settings: Settings) -> int:
+def run(args: argparse.Namespace, settings: Settings) -> int:
     from worker.core.errors import ConfigurationError
     from worker.model import framework
     from worker.research import datasets

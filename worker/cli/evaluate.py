@@ -18,7 +18,7 @@ def _labels(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected label numbers separated by commas, got {text!r}") from None
 
 
-def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("studies_dir", type=Path, metavar="STUDIES_DIR", help="folder of study folders with their truth")
     p.add_argument("--out", type=Path, required=True, help="new (or empty) report folder")
     p.add_argument(
@@ -37,7 +37,7 @@ def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-intracranial", action="store_true", help="do not restrict to the skull-enclosed space")
 
 
-def run_evaluate_command(args: argparse.Namespace, settings: Settings) -> int:
+def run(args: argparse.Namespace, settings: Settings) -> int:
     from worker.measure.pipeline import SegmentationOptions
     from worker.model import framework
     from worker.model.engines import LazySegmenter

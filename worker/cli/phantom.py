@@ -11,6 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from worker.core.settings import Settings
 from worker.synth.phantom.dicom import TRANSFER_SYNTAXES
 from worker.synth.phantom.lesions import KINDS, LesionSpec
 from worker.synth.phantom.spec import DISCLAIMER, EXTRA_SERIES, PhantomSpec
@@ -49,7 +50,7 @@ def _lesion(text: str) -> LesionSpec | None:
         raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
-def add_phantom_arguments(parser: argparse.ArgumentParser) -> None:
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``ichvol phantom OUT_DIR``."""
     parser.add_argument("out_dir", metavar="OUT_DIR", type=Path, help="new or empty folder to write into")
     parser.add_argument("--seed", type=int, default=0, help="random seed; same seed, same files (default 0)")
@@ -123,7 +124,7 @@ def _spec_from_args(args: argparse.Namespace) -> PhantomSpec:
     )
 
 
-def run_phantom_command(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, settings: Settings) -> int:
     """Run ``ichvol phantom``: 0 on success, 2 for a bad option, 1 when writing fails.
 
     Prints one summary line (no patient identifiers) with the true volume and the disclaimer.

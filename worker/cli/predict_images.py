@@ -21,7 +21,7 @@ def _spacing(text: str) -> tuple[float, float]:
     raise argparse.ArgumentTypeError(f"expected MM or ROW_MM,COL_MM, got {text!r}")
 
 
-def add_predict_images_arguments(p: argparse.ArgumentParser) -> None:
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("in_dir", type=Path, metavar="IN_DIR", help="folder of windowed 8-bit slice images")
     p.add_argument("out_dir", type=Path, metavar="OUT_DIR", help="output folder (created)")
     p.add_argument("--model", dest="model_path", help="weights file (.keras); default: ICHVOL_MODEL or the shipped one")
@@ -31,7 +31,7 @@ def add_predict_images_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--slice-thickness", type=float, metavar="MM", help="with --pixel-spacing: volumes in mL")
 
 
-def run_predict_images_command(args: argparse.Namespace, settings: Settings) -> int:
+def run(args: argparse.Namespace, settings: Settings) -> int:
     import sys
 
     from worker.core.errors import ConfigurationError

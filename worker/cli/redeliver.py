@@ -18,7 +18,7 @@ from worker.core.errors import ConfigurationError, TransientError
 from worker.core.settings import Settings
 
 
-def add_redeliver_arguments(parser: argparse.ArgumentParser) -> None:
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--state",
         choices=("failed", "pending", "sent"),
@@ -35,7 +35,7 @@ def add_redeliver_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def run_redeliver_command(args: argparse.Namespace, settings: Settings) -> int:
+def run(args: argparse.Namespace, settings: Settings) -> int:
     from worker.delivery.deliveries import (
         DeliveryDeps,
         create_deliveries,

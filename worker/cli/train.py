@@ -17,7 +17,7 @@ from worker.core.notices import DISCLAIMER
 from worker.core.settings import Settings
 
 
-def add_train_arguments(p: argparse.ArgumentParser) -> None:
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, required=True, help="weights file to write (.keras)")
     p.add_argument("--data", type=Path, help="prepared dataset (ichvol dataset): trains on its train split")
     p.add_argument("--val-data", type=Path, help="prepared dataset to validate on (default: --data's val split)")
@@ -124,7 +124,7 @@ def _prepared_sources(args: argparse.Namespace) -> tuple[Any, Any, tuple[float, 
     return train_split, val_split, data.hu_window, data.input_size, description
 
 
-def run_train_command(args: argparse.Namespace, settings: Settings) -> int:
+def run(args: argparse.Namespace, settings: Settings) -> int:
     from worker.core.errors import ConfigurationError
     from worker.model import framework
     from worker.research import datasets
