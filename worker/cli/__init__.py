@@ -4,7 +4,7 @@
 ``add_arguments(parser)`` and ``run(args, settings) -> int``; :data:`COMMANDS` lists them
 with their one-line help, in the order ``ichvol --help`` shows. A command module is imported when the parser is
 built, so it imports only light modules at the top and the rest inside ``run``. Only this
-package parses arguments.
+package parses arguments; it may import every room. Read :mod:`worker.cli.segment` first.
 
 Exit codes: 0 success; 2 unusable input (a study, a model file, a setting) with one
 line on stderr and never a traceback; 1 an unexpected internal error.

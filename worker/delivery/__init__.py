@@ -2,6 +2,6 @@
 (QIDO-RS/WADO-RS into the export bucket), the STOW-RS and C-STORE senders, the objects sent and
 the bookkeeping of every delivery.
 
-Imports :mod:`worker.core`, :mod:`worker.outputs` and :mod:`worker.infra`, never Celery.
-Read :mod:`worker.delivery.deliveries.deliveries` first.
+Imports :mod:`worker.core`, :mod:`worker.outputs` and :mod:`worker.infra`; never Celery.
+Read :mod:`worker.delivery.deliveries` first.
 """

@@ -1,6 +1,7 @@
-"""The overnight room: one queued run from the bucket to a result row, the per-process worker state
-built after the fork, reading the next study ahead, and the embedded runner with no services.
+"""The overnight room: one queued run from the bucket to a result row, the worker dependencies
+and per-process state built after the fork, reading the next study ahead, and the embedded
+runner with no services.
 
-Imports the rooms below it (core, imaging, model, outputs, measure, infra, delivery), never
-:mod:`worker.synth` or :mod:`worker.research`, and never Celery. Read :mod:`worker.overnight.processing` first.
+Imports core, imaging, model, infra, measure and delivery; never
+Celery, :mod:`worker.synth` or :mod:`worker.research`. Read :mod:`worker.overnight.processing` first.
 """

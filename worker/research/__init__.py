@@ -1,6 +1,8 @@
-"""The research room: training the model, prepared datasets, realistic synthetic training data,
-the paper's evaluation against UNet and the classical baselines, its metrics and report.
+"""The research room: training the model, training data (prepared datasets, labelled folders,
+phantom and realistic synthetic slices), the paper's evaluation against UNet and the classical
+baselines, its metrics and report.
 
-May import every room below the entry points. Production rooms never import it.
+Imports core, imaging, model, outputs, measure and synth; the production rooms never import it.
+
 Read :mod:`worker.research.training` first.
 """

@@ -2,6 +2,6 @@
 as continuous functions of patient position, written as DICOM studies), lesions blended into
 real slices, domain randomisation, CT artefacts, and the demo bucket.
 
-Imports :mod:`worker.core` and :mod:`worker.imaging`. Production rooms (measure, overnight,
+Imports only :mod:`worker.core`. Production rooms (measure, overnight,
 delivery, tasks) never import it. Read :mod:`worker.synth.phantom` first.
 """
