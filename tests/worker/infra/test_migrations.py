@@ -25,7 +25,7 @@ from worker.infra.tables import Base
 
 pytestmark = pytest.mark.integration
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[3]
 
 TABLES = {"studies", "runs", "results", "trend_config", "deliveries"}
 VIEWS = {"current_results", "patient_timeline", "hematoma_expansion"}

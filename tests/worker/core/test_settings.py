@@ -10,7 +10,7 @@ import pytest
 from worker.core.errors import ConfigurationError
 from worker.core.settings import Settings, settings_fields, settings_table_markdown
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+README = Path(__file__).resolve().parents[3] / "README.md"
 
 
 def test_defaults_are_sane() -> None:
