@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# Install everything the test suite needs on a fresh machine, then run it.
-#   ./scripts/test.sh              the whole suite
-#   ./scripts/test.sh -k volume    pytest arguments pass through
+# Install everything the test suite needs on a fresh machine, run the linters, then the tests.
+#   ./scripts/test.sh              ruff, mypy and the whole suite (two pytest workers)
+#   ./scripts/test.sh -k volume    pytest arguments pass through (-n 0: one process)
+#   ./scripts/test.sh -m "not slow"  the fast lane (a few minutes)
+# Any linter finding fails the run before a test starts. PYTEST_WORKERS sets the number of
+# pytest-xdist workers (default 2: this suite's services and model tests fit two cores).
 # As root (CI) it also installs the Debian tools the offline validators and PACS tests use
 # and starts PostgreSQL and Redis when they are down. Elsewhere those tests skip with a reason.
 set -euo pipefail
@@ -31,4 +34,8 @@ fi
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
 .venv/bin/python -m pip install -q -e '.[cpu,test,pacs,fast]'
-exec .venv/bin/python -m pytest "$@"
+
+echo "ruff check" && .venv/bin/ruff check --quiet .
+echo "ruff format --check" && .venv/bin/ruff format --check --quiet .
+echo "mypy (strict)" && .venv/bin/mypy
+exec .venv/bin/python -m pytest -n "${PYTEST_WORKERS:-2}" --dist loadgroup "$@"

@@ -116,6 +116,7 @@ def _measure(study: Path, out: Path, segmenter: object, truth: object) -> tuple[
         ("intraventricular", 6.0, 6_000_003),
     ],
 )
+@pytest.mark.slow
 def test_held_out_phantom_hematomas_are_found(
     tmp_path: Path, default_segmenter: object, kind: str, volume_ml: float, seed: int
 ) -> None:

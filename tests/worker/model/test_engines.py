@@ -178,6 +178,7 @@ def test_an_unknown_engine_fails_before_the_model_loads(tiny_model_path: Path) -
         LazySegmenter(tiny_model_path, engine="fastest")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("engine", FAST_ENGINES)
 def test_the_loader_honours_the_engine(tiny_model_path: Path, engine: str) -> None:
     from worker.model.engines import load_segmenter

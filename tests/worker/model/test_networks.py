@@ -59,6 +59,7 @@ def test_saved_file_carries_metadata_readable_without_the_model(tmp_path: Path) 
     assert info.validation == {"val_dice_pooled": 0.5} and len(info.sha256) == 64
 
 
+@pytest.mark.slow
 def test_float16_storage_halves_the_weights_and_predicts_alike(tmp_path: Path) -> None:
     from worker.model.engines import load_segmenter
     from worker.model.networks import build_drunet, save_model
@@ -98,6 +99,7 @@ def test_load_refuses_a_file_that_is_not_an_ichvol_model(tmp_path: Path) -> None
         load_segmenter(plain)
 
 
+@pytest.mark.slow
 def test_metadata_that_lies_about_the_input_size_is_refused(tmp_path: Path) -> None:
     from dataclasses import replace
 

@@ -57,6 +57,7 @@ def _rows(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(fh))
 
 
+@pytest.mark.slow
 def test_every_report_file_is_written_and_the_page_references_every_figure(evaluated: tuple[Path, object]) -> None:
     out, _ = evaluated
     for name in REPORT_FILES:

@@ -30,6 +30,7 @@ def _run(script: str, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+@pytest.mark.slow
 @pytest.mark.realdata
 def test_overlay_script_draws_a_sheet_of_every_real_slice(
     drunet_slices: Path, tiny_model_path: Path, tmp_path: Path
@@ -68,6 +69,7 @@ def test_evaluate_script_scores_every_kind_against_the_phantom_truth(tiny_model_
     assert "| kind | true volume (mL) |" in result.stdout
 
 
+@pytest.mark.slow
 def test_average_script_writes_the_half_and_half_model_from_a_bank(tiny_model_path: Path, tmp_path: Path) -> None:
     import numpy as np
 

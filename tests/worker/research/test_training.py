@@ -259,6 +259,7 @@ def test_ichvol_train_takes_size_window_and_splits_from_prepared_data(tmp_path: 
         sources("--data", str(no_val))
 
 
+@pytest.mark.slow
 def test_precise_batchnorm_makes_inference_mode_match_the_batch_statistics() -> None:
     """Moving statistics far from the data (as after fast learning) make inference mode
     differ from training mode; recalibrating on the data itself closes the gap."""
@@ -345,6 +346,7 @@ def test_the_cosine_schedule_falls_from_the_learning_rate_to_one_percent(tmp_pat
         train(_config(tmp_path, lr_schedule="step"), train_data=_discs(n=4), val_data=_discs(n=4))
 
 
+@pytest.mark.slow
 def test_average_weights_mixes_two_models_and_recomputes_batchnorm(tmp_path: Path) -> None:
     from worker.model.networks import build_model, load_keras_model, save_model
     from worker.model.weights import ModelInfo
