@@ -222,9 +222,7 @@ def test_no_import_cycles_between_modules_or_rooms() -> None:
     rooms: dict[str, set[str]] = {}
     for module, targets in modules.items():
         room = room_of(module) or module.split(".")[0]
-        rooms.setdefault(room, set()).update(
-            other for t in targets if (other := room_of(t) or t.split(".")[0]) != room
-        )
+        rooms.setdefault(room, set()).update(other for t in targets if (other := room_of(t) or t.split(".")[0]) != room)
     assert _cycles(rooms) == []
 
 
