@@ -288,3 +288,21 @@ def test_every_room_says_what_it_holds_and_what_to_read_first(room: str) -> None
     assert "Read :mod:`worker." in doc, f"worker/{room}/__init__.py names no first module to read"
     first = doc.split("Read :mod:`", 1)[1].split("`", 1)[0]
     assert first in _module_paths(), f"worker/{room}/__init__.py points at {first}, which does not exist"
+
+
+def test_the_architecture_picture_draws_these_arrows() -> None:
+    """docs/architecture.md's matrix: one row per room, a mark in each column it may import."""
+    text = (ROOT / "docs" / "architecture.md").read_text()
+    rows = {}
+    for line in text.splitlines():
+        name, bar, cells = line.partition("│ ")
+        if bar:
+            room = name.split()[0].rstrip("/")
+            rows[room] = {
+                col
+                for col, i in zip(ROOMS[:-1], range(0, 6 * len(ROOMS), 6), strict=False)
+                if cells[i : i + 1] in ("●", "w")
+            }
+    drawn = {room: marks for room, marks in rows.items() if room in ROOMS}
+    assert drawn == {room: allowed for room, allowed in ALLOWED.items()}
+    assert rows["scheduler"] == {"core", "infra", "model"}
