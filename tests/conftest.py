@@ -11,6 +11,28 @@ pytest_plugins = ["tests.helpers.services"]
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 
+#: Where the longest tests are, longest first. They start first, so that the pytest-xdist
+#: workers finish together instead of one waiting out a long test started last.
+LONGEST_FIRST = (
+    "tests/reliability/",  # one xdist group: run one after the other on one worker
+    "tests/worker/research/test_training.py",
+    "tests/worker/research/test_model_card_scripts.py",
+    "tests/benchmarks/",
+    "tests/e2e/",
+)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Slow tests first, the longest of them before the others; the order is otherwise kept."""
+
+    def rank(item: pytest.Item) -> int:
+        for position, prefix in enumerate(LONGEST_FIRST):
+            if item.nodeid.startswith(prefix):
+                return position if prefix.startswith("tests/reliability") or item.get_closest_marker("slow") else 99
+        return len(LONGEST_FIRST) if item.get_closest_marker("slow") else len(LONGEST_FIRST) + 1
+
+    items.sort(key=rank)
+
 
 def shared_data_dir(name: str) -> Path:
     """A folder of ../shared/data, or skip the test with the reason."""

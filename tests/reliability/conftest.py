@@ -2,7 +2,11 @@
 library of tiny phantoms, and :class:`tests.helpers.faults.BatchEnv` per scenario.
 
 Every test here is marked ``reliability`` (``pytest -m reliability``; ``-m "not reliability"``
-leaves the suite out) and ``slow``; each has a timeout and stops what it started.
+leaves the suite out) and ``slow``; each has a timeout and stops what it started. Under
+pytest-xdist they form one group (``xdist_group("reliability")``): the scenarios run one
+after the other on one worker, because each starts real workers and schedulers whose
+timing claims (recovered before the visibility timeout, buried by the worker before the
+scheduler's recovery) assume no second scenario shares the machine.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         if here in Path(str(item.fspath)).parents:
             item.add_marker(pytest.mark.reliability)
             item.add_marker(pytest.mark.slow)
+            item.add_marker(pytest.mark.xdist_group("reliability"))
 
 
 @pytest.fixture(scope="session")

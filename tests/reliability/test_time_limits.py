@@ -32,7 +32,10 @@ pytestmark = [pytest.mark.slow, pytest.mark.integration, pytest.mark.e2e, pytest
 def test_time_limits_and_a_study_that_crashes_its_worker(
     make_env: MakeEnv, phantom_library: dict[str, Path], tmp_path: Path
 ) -> None:
-    env = make_env(soft_time_limit_s=8.0, hard_time_limit_s=14.0, max_attempts=3)
+    # The crashing study must be buried by the worker's fourth delivery, not by the scheduler's
+    # recovery of lost runs: a grace period longer than a pool process takes to start on a busy
+    # machine keeps the scheduler out of that race.
+    env = make_env(soft_time_limit_s=8.0, hard_time_limit_s=14.0, max_attempts=3, lost_run_grace_s=120.0)
     slow = {
         "slow-soft": generate_phantoms(tmp_path / "soft", 1, first=900, n_slices=SOFT_SLOW_SLICES),
         "slow-hard": generate_phantoms(tmp_path / "hard", 1, first=901, n_slices=HARD_SLOW_SLICES),

@@ -21,10 +21,10 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import TypeVar
 
 from sqlalchemy import and_, or_, update
 from sqlalchemy.orm import Session, sessionmaker
@@ -33,7 +33,7 @@ from worker.core.errors import ErrorCode, TransientError
 from worker.core.settings import Settings
 from worker.infra import db
 from worker.infra.listing import StudyListing, group_studies, normalise_prefix
-from worker.infra.object_store import ObjectStore
+from worker.infra.object_store import ObjectInfo, ObjectStore
 from worker.infra.tables import Run, RunState, Study
 from worker.model.weights import ModelInfo
 
@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 Enqueue = Callable[[int, str], None]
 
 CHUNK = 1000
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -68,20 +69,20 @@ class PollReport:
 
 
 class _CountingIterator:
-    def __init__(self, items: Any) -> None:
+    def __init__(self, items: Iterable[ObjectInfo]) -> None:
         self._items = iter(items)
         self.count = 0
 
     def __iter__(self) -> _CountingIterator:
         return self
 
-    def __next__(self) -> Any:
+    def __next__(self) -> ObjectInfo:
         item = next(self._items)
         self.count += 1
         return item
 
 
-def _chunks(items: Sequence[Any], size: int = CHUNK) -> list[Sequence[Any]]:
+def _chunks(items: Sequence[T], size: int = CHUNK) -> list[Sequence[T]]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
 
@@ -108,7 +109,7 @@ def register(
                 session, Study, rows, conflict_columns=["bucket", "prefix", "fingerprint"], returning=["id"]
             )
             study_ids.extend(int(r.id) for r in inserted)
-        for chunk in _chunks(study_ids):
+        for id_chunk in _chunks(study_ids):
             rows = [
                 {
                     "study_id": sid,
@@ -120,7 +121,7 @@ def register(
                     "celery_task_id": str(uuid.uuid4()),
                     "enqueued_at": now,
                 }
-                for sid in chunk
+                for sid in id_chunk
             ]
             inserted = db.insert_ignore(
                 session,

@@ -113,7 +113,7 @@ def test_metadata_that_lies_about_the_input_size_is_refused(tmp_path: Path) -> N
 
 def test_lazy_segmenter_reads_metadata_without_tensorflow(tiny_model_path: Path) -> None:
     code = (
-        "import sys; from worker.model.networks import LazySegmenter; "
+        "import sys; from worker.model.engines import LazySegmenter; "
         f"s = LazySegmenter({str(tiny_model_path)!r}); "
         "assert s.info.version == 'tiny-test-1'; "
         "assert 'tensorflow' not in sys.modules and 'keras' not in sys.modules; print('ok')"
