@@ -535,6 +535,7 @@ def training_sources(
     workers: int | None = None,
     recipe: str = "v3",
     lesion_shapes: Path | None = None,
+    screenshot_fraction: float = 0.3,
 ) -> tuple[UInt8Slices, SliceArrays, str]:
     """Training bank, validation slices and a description for ``ichvol train --synthetic realistic``.
 
@@ -557,6 +558,7 @@ def training_sources(
         background_share=0.6 if backgrounds else 0.0,
         recipe=recipe,
         lesion_shapes=_shapes_digest(shapes),
+        screenshot_fraction=screenshot_fraction,
     )
     bank = load_or_generate_bank(
         config=config, backgrounds=backgrounds, cache_dir=cache_dir, workers=workers, shapes=shapes

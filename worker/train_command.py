@@ -70,6 +70,12 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
         "physical (what CT physically varies on the HU path, plus a screenshot path; worker.realistic_data)",
     )
     p.add_argument(
+        "--screenshot-fraction",
+        type=float,
+        default=0.3,
+        help="with --recipe physical: share of samples on the screenshot path (8-bit display window, JPEG)",
+    )
+    p.add_argument(
         "--lesion-shapes",
         type=Path,
         help="with --synthetic realistic: a NIfTI label map (e.g. BLAST-CT scan_0_segmentation.nii.gz) whose "
@@ -173,6 +179,7 @@ def run_train_command(args: argparse.Namespace, settings: Settings) -> int:
             background_ct=args.background_ct,
             recipe=args.recipe,
             lesion_shapes=args.lesion_shapes,
+            screenshot_fraction=args.screenshot_fraction,
         )
     else:
         if args.phantoms < 2:

@@ -597,7 +597,7 @@ def _fit(
         state_path.write_text(json.dumps(best))
         _write_logs(work_dir, history)
         if config.verbose:
-            print(f"epoch 0 (the starting weights): val Dice {best['dice']:.3f}", flush=True)
+            print(f"epoch 0 (the starting weights): selection score {best['dice']:.3f}", flush=True)
 
     class _Validate(keras.callbacks.Callback):  # type: ignore[misc,name-defined]
         def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:

@@ -39,3 +39,18 @@ def test_pixel_size_from_the_head_width_or_the_default() -> None:
     assert estimate_pixel_mm(image) == pytest.approx(150.0 / 252, rel=0.03)
     assert estimate_pixel_mm(np.zeros((64, 64), np.uint8)) == 0.5
     assert image_skull(np.zeros((64, 64), np.uint8)).inside.sum() == 0
+
+
+def test_an_open_ring_falls_back_to_the_convex_hull_of_the_skull() -> None:
+    """A craniectomy-like gap of a quarter of the ring: the enclosed space would leak away entirely."""
+    image, brain, blood = _screenshot(256)
+    yy, xx = np.mgrid[:256, :256]
+    gap = (np.arctan2(yy - 128, xx - 128) > 0) & (np.arctan2(yy - 128, xx - 128) < np.pi / 2)
+    ring = (np.hypot(yy - 128, xx - 128) >= 0.38 * 256) & (np.hypot(yy - 128, xx - 128) < 0.42 * 256)
+    image[ring & gap] = 140  # the bone flap is gone: brain density up to the scalp
+    skull = image_skull(image)
+    assert skull.open_ring
+    assert (skull.inside > 0)[blood].mean() > 0.95
+    assert (skull.inside > 0)[brain & ~gap].mean() > 0.9
+    closed = image_skull(_screenshot(256)[0])
+    assert not closed.open_ring
