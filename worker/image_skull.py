@@ -132,7 +132,7 @@ def _hull_space(bone: U8, erosion: U8) -> U8:
 
 
 def _skull(image: U8, size_mm: float) -> ImageSkull:
-    smooth = cv2.medianBlur(image, 5)
+    smooth = np.asarray(cv2.medianBlur(image, 5), dtype=np.uint8)
     saturated = ((smooth >= SATURATED_LEVEL) & (_head(smooth) > 0)).astype(np.uint8)
     bone = np.zeros(image.shape, dtype=np.uint8)
     n, labels, stats, _ = cv2.connectedComponentsWithStats(saturated, connectivity=8)
