@@ -4,8 +4,9 @@
 Research use only, not for clinical use.
 
 What a user would run, end to end: each phantom is written as a DICOM study, measured
-with :func:`worker.measure.pipeline.segment_study` and the shipped post-processing (threshold 0.5,
-intracranial restriction, components under 0.05 mL dropped), and compared with its truth:
+with :func:`worker.pipeline.segment_study` and the shipped post-processing (threshold 0.5,
+intracranial restriction, seeded growth unless ``--no-growth``, components under 0.05 mL
+dropped), and compared with its truth:
 
 * Dice of the 3-D mask against the truth mask (voxel centres inside the lesion);
 * volume error = measured mL - true (analytic) mL, and the relative error.
@@ -59,14 +60,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--empty", type=int, default=4, help="phantom studies without hemorrhage")
     parser.add_argument("--quick", action="store_true", help="one seed, medium sizes only")
     parser.add_argument("--json", type=Path, default=None, help="write every result here")
+    parser.add_argument("--no-growth", action="store_true", help="switch seeded growth off (on by default)")
+    parser.add_argument("--engine", default="folded", help="inference engine (default: folded, float32)")
     args = parser.parse_args(argv)
 
     from worker.measure.pipeline import SegmentationOptions, segment_study
+    from worker.measure.seeded_growth import GrowthSettings
     from worker.model.engines import load_segmenter
     from worker.synth.phantom import LesionSpec, PhantomSpec, generate_study
 
-    segmenter = load_segmenter(args.model)
-    options = SegmentationOptions()
+    segmenter = load_segmenter(args.model, engine=args.engine)
+    options = SegmentationOptions(growth=GrowthSettings(enabled=not args.no_growth))
     rows: list[dict[str, Any]] = []
     cases = [(k, v) for k, vs in CASES.items() for v in ((vs[1],) if args.quick else vs)]
     seeds = 1 if args.quick else args.seeds

@@ -61,6 +61,12 @@ def drunet_slices() -> Path:
 
 
 @pytest.fixture()
+def drunet_slice_masks() -> Path:
+    """Reference masks for 13 of the 14 real slices (thresholded and chosen by eye, not a radiologist's)."""
+    return shared_data_dir("drunet-test-slices-masks")
+
+
+@pytest.fixture()
 def blast_ct_assets() -> Path:
     return shared_data_dir("blast-ct-assets")
 

@@ -46,7 +46,7 @@ ALLOWED: dict[str, set[str]] = {
     "outputs": {"core"},
     "infra": {"core", "model"},
     "measure": {"core", "imaging", "model", "outputs"},
-    "synth": {"core"},
+    "synth": {"core", "imaging", "model"},
     "trends": {"core", "infra"},
     "delivery": {"core", "outputs", "infra"},
     "overnight": {"core", "imaging", "model", "infra", "measure", "delivery"},

@@ -35,6 +35,8 @@ COMMANDS = {
     "dataset": "labelled 2-D images or CT studies to sharded TFRecords, split by patient",
     "evaluate": "the paper's metrics and figures on studies with ground truth (HTML report)",
     "predict-images": "masks and overlays for windowed 8-bit slice images (PNG/JPEG)",
+    "evaluate-images": "score a model on 8-bit slice images against reference masks (the real-image yardstick)",
+    "adapt": "adapt a model's BatchNorm statistics to a site's own unlabelled studies (AdaBN)",
     "trends": "hematoma volume timelines and expansion (from the database)",
     "redeliver": "send stored results to the PACS again (failed, pending or missing)",
     "model-info": "print a weights file's metadata (no TensorFlow needed)",
@@ -53,6 +55,8 @@ def _settings(args: argparse.Namespace) -> Settings:
             overrides[name] = value
     if getattr(args, "no_intracranial", False):
         overrides["restrict_to_intracranial"] = False
+    if getattr(args, "no_growth", False):
+        overrides["growth"] = False
     return Settings.from_env(**overrides)
 
 

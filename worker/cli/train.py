@@ -52,7 +52,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         choices=["phantom", "realistic"],
         default="phantom",
         help="without --data: basic phantom slices, or realistic synthetic data (real-CT backgrounds with "
-        "inserted hematomas, whole-range phantoms, domain randomisation; worker.realistic_data)",
+        "inserted hematomas, whole-range phantoms, domain randomisation; worker.research.realistic_data)",
     )
     p.add_argument(
         "--background-ct",
@@ -62,6 +62,32 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--synthetic-samples", type=int, default=20000, help="with --synthetic realistic: training slices to generate"
     )
+    p.add_argument(
+        "--recipe",
+        choices=["v3", "physical"],
+        default="v3",
+        help="with --synthetic realistic: v3 (the v3 weights' wide randomisation of window, gain and gamma) or "
+        "physical (what CT physically varies on the HU path, plus a screenshot path; worker.research.realistic_data)",
+    )
+    p.add_argument(
+        "--screenshot-fraction",
+        type=float,
+        default=0.3,
+        help="with --recipe physical: share of samples on the screenshot path (8-bit display window, JPEG)",
+    )
+    p.add_argument(
+        "--lesion-shapes",
+        type=Path,
+        help="with --synthetic realistic: a NIfTI label map (e.g. BLAST-CT scan_0_segmentation.nii.gz) whose "
+        "label 1 gives real hemorrhage outlines for half the intraparenchymal lesions (read, never copied)",
+    )
+    p.add_argument(
+        "--real-images",
+        type=Path,
+        help="real slice images (8-bit) scored each epoch against --real-masks; checkpoints are chosen on the "
+        "mean of this real Dice and the synthetic validation Dice (never in the loss)",
+    )
+    p.add_argument("--real-masks", type=Path, help="reference masks for --real-images (same file names)")
     p.add_argument(
         "--synthetic-cache",
         type=Path,
@@ -134,6 +160,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     framework.set_threads(settings.inference_threads)
     if args.val_data is not None and args.data is None:
         raise ConfigurationError("--val-data needs --data (the training set)")
+    if (args.real_images is None) != (args.real_masks is None):
+        raise ConfigurationError("--real-images and --real-masks go together")
     train_data: Any
     val_data: Any
     if args.data is not None:
@@ -151,6 +179,9 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
             seed=args.seed,
             cache_dir=cache,
             background_ct=args.background_ct,
+            recipe=args.recipe,
+            lesion_shapes=args.lesion_shapes,
+            screenshot_fraction=args.screenshot_fraction,
         )
     else:
         if args.phantoms < 2:
@@ -195,6 +226,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         bn_recalibration_batches=args.bn_recalibration_batches,
         init_weights=args.init_weights,
         lr_schedule=args.lr_schedule,
+        real_images=None if args.real_images is None else (args.real_images, args.real_masks),
     )
     outcome = train(config, train_data=train_data, val_data=val_data)
     print(

@@ -98,6 +98,22 @@ class Settings:
         True,
         "Keep predictions inside the skull-enclosed space (built from bone HU).",
     )
+    growth: bool = _setting(
+        "ICHVOL_GROWTH",
+        True,
+        "Seeded growth: grow the model's confident pieces into the connected blood-density region around "
+        "them, per slice, inside the skull and away from bone (worker/seeded_growth.py).",
+    )
+    growth_hu_low: float = _setting("ICHVOL_GROWTH_HU_LOW", 50.0, "Lowest smoothed HU seeded growth may enter.")
+    growth_hu_high: float = _setting("ICHVOL_GROWTH_HU_HIGH", 90.0, "Highest smoothed HU seeded growth may enter.")
+    growth_seed_probability: float = _setting(
+        "ICHVOL_GROWTH_SEED_PROBABILITY",
+        0.8,
+        "A piece of the mask seeds growth only if its highest probability reaches this.",
+    )
+    growth_max_distance_mm: float = _setting(
+        "ICHVOL_GROWTH_MAX_DISTANCE_MM", 15.0, "How far (mm, in the slice) growth may go from a seed."
+    )
     inference_batch_size: int = _setting("ICHVOL_BATCH_SIZE", 8, "Slices per model call.")
     inference_threads: int = _setting(
         "ICHVOL_INFERENCE_THREADS", 0, "TensorFlow intra-op threads per process; 0: all cores."
@@ -338,7 +354,13 @@ class Settings:
                 except (ValueError, TypeError) as exc:
                     raise ConfigurationError(f"{name}: {exc}") from None
         values.update(overrides)
-        return cls(**values)
+        settings = cls(**values)
+        if not settings.growth_hu_high > settings.growth_hu_low:
+            raise ConfigurationError(
+                f"ICHVOL_GROWTH_HU_HIGH ({settings.growth_hu_high}) must be above ICHVOL_GROWTH_HU_LOW "
+                f"({settings.growth_hu_low})"
+            )
+        return settings
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
@@ -355,6 +377,9 @@ class Settings:
 def _parser_for(f: dataclasses.Field[Any]) -> Callable[[str], Any]:
     special: dict[str, Callable[[str], Any]] = {
         "threshold": _parse_probability,
+        "growth_seed_probability": _parse_probability,
+        "growth_hu_low": float,
+        "growth_hu_high": float,
         "min_component_ml": _parse_nonnegative_float,
         "inference_threads": _parse_nonnegative_int,
         "quiet_period_s": _parse_nonnegative_float,

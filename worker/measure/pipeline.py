@@ -7,7 +7,7 @@ and the embedded demo. Stages, each timed (seconds, in ``result.json``):
 2. ``preprocess``  -- HU window to [-1, 1], pad to square, resize to the model input
 3. ``inference``   -- the segmenter, in fixed-size batches
 4. ``postprocess`` -- probabilities back to the native grid, threshold, intracranial
-                      restriction, small-component removal, volume and ABC/2
+                      restriction, seeded growth, small-component removal, volume and ABC/2
 5. ``write``       -- result.json, mask.npz, mask.nii.gz, seg.dcm, overlay.png
 
 Unusable input (:class:`worker.core.errors.StudyError`) does not raise: the outcome has
@@ -39,6 +39,7 @@ from worker.imaging import geometry
 from worker.imaging.dicom_load import load_study, read_source_headers
 from worker.imaging.series_selection import SelectionRules
 from worker.measure import postprocess, volume
+from worker.measure.seeded_growth import GrowthSettings
 from worker.model import preprocess
 from worker.model.weights import Segmenter
 from worker.outputs import mask_files as outputs
@@ -65,6 +66,7 @@ class SegmentationOptions:
     min_component_ml: float = 0.05
     intracranial_only: bool = True
     rules: SelectionRules = field(default_factory=SelectionRules)
+    growth: GrowthSettings = field(default_factory=GrowthSettings)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> SegmentationOptions:
@@ -73,7 +75,19 @@ class SegmentationOptions:
             min_component_ml=settings.min_component_ml,
             intracranial_only=settings.restrict_to_intracranial,
             rules=SelectionRules.from_settings(settings),
+            growth=growth_settings(settings),
         )
+
+
+def growth_settings(settings: Settings) -> GrowthSettings:
+    """The seeded-growth rule as :class:`Settings` configure it (``ICHVOL_GROWTH*``)."""
+    return GrowthSettings(
+        enabled=settings.growth,
+        hu_low=settings.growth_hu_low,
+        hu_high=settings.growth_hu_high,
+        seed_probability=settings.growth_seed_probability,
+        max_distance_mm=settings.growth_max_distance_mm,
+    )
 
 
 @dataclass
@@ -166,6 +180,7 @@ def _measure(
             threshold=options.threshold,
             min_component_ml=options.min_component_ml,
             restrict_to_intracranial=options.intracranial_only,
+            growth=options.growth,
         )
         volume_ml = volume.planimetric_volume_ml(
             mask, pixel_spacing_mm=series.pixel_spacing_mm, slab_thickness_mm=series.slab_thickness_mm
@@ -321,6 +336,7 @@ def ok_result(
             "threshold": options.threshold,
             "min_component_ml": options.min_component_ml,
             "intracranial_only": options.intracranial_only,
+            "growth": options.growth.as_json(),
         },
         "slices": [
             {

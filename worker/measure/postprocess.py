@@ -7,7 +7,9 @@ the slice normal. Masks are uint8 with values 0 and 1.
 
 The pipeline order is :func:`postprocess`: :func:`binarize`, then (unless disabled by the
 ``ICHVOL_INTRACRANIAL_ONLY`` setting) keep only the skull-enclosed space
-(:func:`intracranial_mask`), then :func:`remove_small_components`, so that component
+(:func:`intracranial_mask`), then (unless ``ICHVOL_GROWTH=false``) grow confident pieces
+into the connected blood-density region around them (:func:`grow_into_blood`, rule in
+:mod:`worker.measure.seeded_growth`), then :func:`remove_small_components`, so that component
 volumes are measured on what is finally reported.
 
 The intracranial rule (per slice, on HU)
@@ -63,10 +65,14 @@ from scipy import ndimage
 
 from worker.core.ct import MaskArray
 from worker.core.errors import ErrorCode, StudyError
+from worker.measure.seeded_growth import GrowthSettings, blood_region, grow_from_seeds
 
 __all__ = [
     "DEFAULT_BONE_HU",
     "binarize",
+    "ellipse_kernel",
+    "enclosed_space",
+    "grow_into_blood",
     "intracranial_mask",
     "postprocess",
     "remove_small_components",
@@ -141,7 +147,7 @@ def remove_small_components(
     return kept
 
 
-def _ellipse_kernel(radius_mm: float, row_mm: float, col_mm: float) -> npt.NDArray[np.uint8]:
+def ellipse_kernel(radius_mm: float, row_mm: float, col_mm: float) -> npt.NDArray[np.uint8]:
     ry = max(round(radius_mm / row_mm), 0)
     rx = max(round(radius_mm / col_mm), 0)
     kernel: npt.NDArray[np.uint8] = np.asarray(
@@ -170,8 +176,24 @@ def _intracranial_slice(
         borderType=cv2.BORDER_REPLICATE,
     )
     bone = (smooth > bone_hu).astype(np.uint8)
+    return enclosed_space(bone, bridge=bridge, erosion=erosion, pad=pad, min_area_px=min_area_px)
+
+
+def enclosed_space(
+    bone: npt.NDArray[np.uint8],
+    *,
+    bridge: npt.NDArray[np.uint8],
+    erosion: npt.NDArray[np.uint8],
+    pad: int,
+    min_area_px: float,
+) -> MaskArray:
+    """Steps 3-5 of the intracranial rule on one slice's bone mask ``(rows, columns)`` uint8 0/1.
+
+    Shared with 8-bit images, whose bone comes from the saturated skull ring
+    (:mod:`worker.measure.image_skull`) instead of HU.
+    """
     if not bone.any():
-        return np.zeros(image.shape, dtype=np.uint8)
+        return np.zeros(bone.shape, dtype=np.uint8)
     # Pad so that dilation and filling do not treat the image border as a wall.
     padded = cv2.copyMakeBorder(bone, pad, pad, pad, pad, cv2.BORDER_CONSTANT, value=0)
     # Bridge gaps: grow the bone by the radius. Unlike a closing (which also shrinks back),
@@ -213,8 +235,8 @@ def intracranial_mask(
     if hu.ndim != 3:
         raise ValueError(f"hu must have shape (slices, rows, columns), got shape {hu.shape}")
     row_mm, col_mm = _check_spacing(pixel_spacing_mm)
-    bridge = _ellipse_kernel(bridge_radius_mm, row_mm, col_mm)
-    erosion = _ellipse_kernel(erosion_mm, row_mm, col_mm)
+    bridge = ellipse_kernel(bridge_radius_mm, row_mm, col_mm)
+    erosion = ellipse_kernel(erosion_mm, row_mm, col_mm)
     pad = max(bridge.shape) // 2 + 1
     min_area_px = min_area_mm2 / (row_mm * col_mm)
     out = np.zeros(hu.shape, dtype=np.uint8)
@@ -250,6 +272,40 @@ def keep_intracranial(
     return out
 
 
+def grow_into_blood(
+    mask: np.ndarray,
+    *,
+    probabilities: np.ndarray,
+    hu: np.ndarray,
+    pixel_spacing_mm: tuple[float, float],
+    settings: GrowthSettings,
+) -> MaskArray:
+    """Seeded growth (:mod:`worker.measure.seeded_growth`) on the slices where ``mask`` has a piece.
+
+    The region growth may enter is blood density in the skull-enclosed space of each of
+    those slices, away from bone (``settings.bone_hu``, ``settings.bone_margin_mm``).
+    """
+    out: MaskArray = (np.asarray(mask) != 0).astype(np.uint8)
+    busy = np.flatnonzero(out.reshape(out.shape[0], -1).any(axis=1))
+    if not settings.enabled or busy.size == 0:
+        return out
+    inside = intracranial_mask(hu[busy], pixel_spacing_mm=pixel_spacing_mm)
+    region = np.stack(
+        [
+            blood_region(hu[k], inside=inside[i], pixel_spacing_mm=pixel_spacing_mm, settings=settings)
+            for i, k in enumerate(busy)
+        ]
+    )
+    out[busy] = grow_from_seeds(
+        out[busy],
+        probabilities=probabilities[busy],
+        region=region,
+        pixel_spacing_mm=pixel_spacing_mm,
+        settings=settings,
+    )
+    return out
+
+
 def postprocess(
     probabilities: np.ndarray,
     *,
@@ -259,18 +315,24 @@ def postprocess(
     threshold: float,
     min_component_ml: float,
     restrict_to_intracranial: bool,
+    growth: GrowthSettings | None = None,
 ) -> MaskArray:
     """The final hematoma mask from model probabilities, in the pipeline's order.
 
-    ``probabilities`` and ``hu``: ``(slices, rows, columns)`` on the native grid. The three
+    ``probabilities`` and ``hu``: ``(slices, rows, columns)`` on the native grid. The
     keyword values come from :class:`worker.settings.Settings` (``threshold``,
-    ``min_component_ml``, ``restrict_to_intracranial``). Returns uint8 0/1.
+    ``min_component_ml``, ``restrict_to_intracranial`` and the ``growth_*`` settings);
+    ``growth=None`` skips seeded growth. Returns uint8 0/1.
     """
     if probabilities.shape != hu.shape:
         raise ValueError(f"probabilities {probabilities.shape} and hu {hu.shape} must have the same shape")
     mask = binarize(probabilities, threshold=threshold)
     if restrict_to_intracranial:
         mask = keep_intracranial(mask, hu=hu, pixel_spacing_mm=pixel_spacing_mm)
+    if growth is not None and growth.enabled:
+        mask = grow_into_blood(
+            mask, probabilities=probabilities, hu=hu, pixel_spacing_mm=pixel_spacing_mm, settings=growth
+        )
     return remove_small_components(
         mask,
         pixel_spacing_mm=pixel_spacing_mm,

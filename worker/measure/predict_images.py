@@ -3,14 +3,17 @@
 Research use only, not for clinical use.
 
 The seed's other entry point. Every regular file directly in ``IN_DIR`` (sorted by name)
-whose first bytes say PNG, JPEG or BMP is a slice (:mod:`worker.image_io`: the extension
+whose first bytes say PNG, JPEG or BMP is a slice (:mod:`worker.imaging.image_io`: the extension
 is not trusted, colour is turned to grey, any size); other files are listed as skipped.
-Each slice maps to the model input as training maps 2-D images (``pixel / 127.5 - 1``,
-padded to a square, resized: :mod:`worker.preprocess`), so the images must have been
-windowed with the HU window the model was trained with (``ichvol model-info`` shows it).
-The probabilities go back to the image's own size and are thresholded (``> threshold``).
-There is no intracranial restriction and no small-component removal: there are no HU
-to find the skull with, and no geometry.
+Each slice goes through :func:`worker.measure.image_inference.predict_slices`, the one path for
+images: its grey levels become estimated HU (by default re-anchored on the brain
+parenchyma, :mod:`worker.imaging.slice_calibration`; ``--display-window LOW HIGH`` when the export
+window is known; ``--calibration none`` for the seed's convention, levels spanning the
+model's own window), the HU map to the model input as a DICOM study's do, the
+probabilities go back to the image's own size and are thresholded (``> threshold``),
+restricted to the skull-enclosed space found from the saturated skull ring, grown from
+confident seeds into the connected blood-density region (:mod:`worker.measure.seeded_growth`),
+and pieces under 5 mm^2 are dropped.
 
 Outputs in ``OUT_DIR``:
 
@@ -37,7 +40,7 @@ import csv
 import json
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -49,7 +52,7 @@ import worker
 from worker.core.errors import ConfigurationError, StudyError
 from worker.core.notices import DISCLAIMER
 from worker.imaging.image_io import GreyImage, read_grey_uint8, sniff_format, write_png
-from worker.model import preprocess
+from worker.measure.image_inference import ImageOptions, ImagePrediction, predict_slices
 from worker.model.weights import Segmenter
 
 __all__ = [
@@ -58,7 +61,6 @@ __all__ = [
     "predict_images",
 ]
 
-UINT8_WINDOW = (0.0, 255.0)
 CONTOUR_BGR = (0, 0, 255)
 
 
@@ -76,6 +78,7 @@ class ImageResult:
     area_mm2: float | None = None
     volume_ml: float | None = None
     output_name: str = ""
+    calibration: str = ""  # how levels became HU, e.g. "parenchyma (level 147)"
 
 
 @dataclass(frozen=True)
@@ -152,12 +155,18 @@ def predict_images(
     pixel_spacing_mm: tuple[float, float] | None = None,
     slice_thickness_mm: float | None = None,
     progress: bool = False,
+    options: ImageOptions | None = None,
 ) -> PredictImagesResult:
     """Segment every slice image in ``in_dir``; write masks, overlays, ``areas.csv``, ``summary.json``.
 
     ``pixel_spacing_mm`` is (between rows, between columns) of these images' pixels;
     areas in mm^2 need it, volumes need ``slice_thickness_mm`` too (module docstring).
+    ``options``: calibration and post-processing (default :class:`ImageOptions` with
+    ``threshold``).
     """
+    options = replace(options or ImageOptions(), threshold=threshold)
+    if pixel_spacing_mm is not None and options.pixel_mm is None:
+        options = replace(options, pixel_mm=math.sqrt(float(pixel_spacing_mm[0]) * float(pixel_spacing_mm[1])))
     if not 0.0 <= threshold <= 1.0:
         raise ConfigurationError(f"threshold must lie in [0, 1], got {threshold}")
     if pixel_spacing_mm is not None and not all(math.isfinite(v) and v > 0 for v in pixel_spacing_mm):
@@ -171,7 +180,6 @@ def predict_images(
     names = _output_names(paths)
     (out_dir / "masks").mkdir(parents=True, exist_ok=True)
     (out_dir / "overlays").mkdir(parents=True, exist_ok=True)
-    size = segmenter.info.input_size
     pixel_mm2 = None if pixel_spacing_mm is None else float(pixel_spacing_mm[0]) * float(pixel_spacing_mm[1])
     results: list[ImageResult] = list(listed)
     bar = None
@@ -188,19 +196,12 @@ def predict_images(
                 reason = error.message.removeprefix(f"{path.name}: ")
                 results.append(ImageResult(path.name, "failed", f"{reason} [{error.code.value}]"))
         if loaded:
-            inputs = []
-            fits = []
-            for _, image in loaded:
-                x, fit = preprocess.to_model_input(
-                    image.pixels[None].astype(np.float32), size=size, window=UINT8_WINDOW
+            predictions = predict_slices([image.pixels for _, image in loaded], segmenter=segmenter, options=options)
+            for (path, image), prediction in zip(loaded, predictions, strict=True):
+                result = _write_outputs(
+                    path, image, prediction.mask, names[path], out_dir, pixel_mm2, slice_thickness_mm
                 )
-                inputs.append(x)
-                fits.append(fit)
-            probabilities = segmenter.predict(np.concatenate(inputs))
-            for (path, image), fit, prob in zip(loaded, fits, probabilities, strict=True):
-                native = preprocess.to_native(prob[None], fit)[0]
-                mask = (native > threshold).astype(np.uint8)
-                results.append(_write_outputs(path, image, mask, names[path], out_dir, pixel_mm2, slice_thickness_mm))
+                results.append(replace(result, calibration=_calibration_text(prediction)))
         if bar is not None:
             bar.update(len(batch))
     if bar is not None:
@@ -220,10 +221,12 @@ def predict_images(
             "name": segmenter.info.name,
             "version": segmenter.info.version,
             "sha256": segmenter.info.sha256,
-            "input_size": size,
+            "input_size": segmenter.info.input_size,
             "trained_hu_window": list(segmenter.info.hu_window),
+            "engine": getattr(segmenter, "engine", "keras"),
         },
         "threshold": threshold,
+        "postprocessing": options.as_json(),
         "pixel_spacing_mm": list(pixel_spacing_mm) if pixel_spacing_mm is not None else None,
         "slice_thickness_mm": slice_thickness_mm,
         "n_images": len(paths),
@@ -237,6 +240,13 @@ def predict_images(
     }
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     return PredictImagesResult(out_dir=out_dir, images=tuple(results), total_volume_ml=total)
+
+
+def _calibration_text(prediction: ImagePrediction) -> str:
+    cal = prediction.calibration
+    if cal.method == "parenchyma" and cal.parenchyma_level is not None:
+        return f"parenchyma (level {cal.parenchyma_level:.0f} read as 33 HU)"
+    return cal.method + (f": {cal.note}" if cal.note else "")
 
 
 def _write_outputs(
@@ -289,6 +299,7 @@ def _write_csv(path: Path, results: Sequence[ImageResult]) -> None:
                 "area_mm2",
                 "volume_ml",
                 "output",
+                "calibration",
             ]
         )
         for r in results:
@@ -304,5 +315,6 @@ def _write_csv(path: Path, results: Sequence[ImageResult]) -> None:
                     number(r.area_mm2, 2),
                     number(r.volume_ml, 4),
                     r.output_name,
+                    r.calibration,
                 ]
             )

@@ -172,6 +172,13 @@ class LazySegmenter:
     def predict(self, images: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
         return self.load().predict(images)
 
+    @property
+    def engine(self) -> str:
+        """The engine that runs the model: the concrete one once loaded, the one asked for before."""
+        if self._loaded is None:
+            return self._engine
+        return str(getattr(self._loaded, "engine", "keras"))
+
 
 def _checked_engine(engine: str) -> str:
     try:

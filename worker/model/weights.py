@@ -46,6 +46,9 @@ class ModelInfo:
     validation: dict[str, float] = field(default_factory=dict)
     created: str = ""
     sha256: str = ""  # of the whole file; filled when read from disk, never stored inside
+    # Where the weights came from when they were derived from others (site adaptation,
+    # distillation): the base model's version and sha256, the method, the data counts, the date.
+    provenance: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -68,6 +71,7 @@ class ModelInfo:
                 validation={str(k): float(v) for k, v in dict(data.get("validation", {})).items()},
                 created=str(data.get("created", "")),
                 sha256=sha256,
+                provenance=dict(data.get("provenance", {})),
             )
         except (KeyError, TypeError, ValueError, IndexError) as exc:
             raise ModelFileError(f"weights metadata is incomplete or malformed: {exc}") from None

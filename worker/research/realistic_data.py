@@ -9,14 +9,14 @@ input size, made one of two ways:
 * **lesion insertion into real anatomy** (``background_share`` of the samples): a slice of
   a real head CT without hemorrhage (the BSD-licensed GE scan in
   ``../shared/data/real-head-ct-ge/``, passed as a folder, never copied), resampled to a
-  random view (:func:`worker.domain_randomization.random_view`), with 0-3 synthetic
-  hematomas blended in (:func:`worker.lesion_insertion.insert_lesions`);
+  random view (:func:`worker.synth.domain_randomization.random_view`), with 0-3 synthetic
+  hematomas blended in (:func:`worker.synth.lesion_insertion.insert_lesions`);
 * **phantom studies** (the rest): whole synthetic head CTs from the phantom generator with
   the skull base, face, neck and shoulders (:mod:`worker.phantom_skull_base`), partial
   volume across the slice, beam hardening and mass effect, covering a random range from
   the shoulders or neck to the vertex; every slice is used, some get an extra 2-D lesion.
 
-Both then pass :func:`worker.domain_randomization.randomize_appearance` (noise, kernel,
+Both then pass :func:`worker.synth.domain_randomization.randomize_appearance` (noise, kernel,
 streaks, contrast, window, 8-bit/JPEG export, head-holder arcs). A share of samples also
 gets extra physiological-looking calcifications (bright, 100-400 HU, never labelled).
 
@@ -40,7 +40,7 @@ import math
 import os
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -51,8 +51,9 @@ import numpy.typing as npt
 from worker.measure.postprocess import intracranial_mask
 from worker.model import preprocess
 from worker.research.training_data import SliceArrays, finish_dataset
-from worker.synth.domain_randomization import random_view, randomize_appearance
-from worker.synth.lesion_insertion import insert_lesions
+from worker.synth.domain_randomization import RandomizationConfig, View, random_view, randomize_appearance
+from worker.synth.lesion_insertion import LesionAppearance, insert_lesions
+from worker.synth.lesion_shapes import ShapeBank
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,7 @@ F32 = npt.NDArray[np.float32]
 U8 = npt.NDArray[np.uint8]
 
 BANK_FORMAT = "ichvol-synthetic-bank/1"
+RECIPES = ("v3", "physical")
 PHANTOM_KIND_VOLUMES_ML = {
     "round": (0.3, 100.0),
     "irregular": (0.5, 120.0),
@@ -90,9 +92,35 @@ class SyntheticConfig:
     empty_fraction_real: float = 0.35  # real-background samples left without a lesion
     calcification_fraction: float = 0.2
     n_val_phantoms: int = 16
+    recipe: str = "v3"  # "v3" (the v3 weights' randomisation) or "physical" (RECIPES)
+    screenshot_fraction: float = 0.3  # "physical": share of samples on the screenshot path
+    lesion_shapes: str = ""  # digest of the real-shape label map ("" without one)
+
+    def __post_init__(self) -> None:
+        if self.recipe not in RECIPES:
+            raise ValueError(f"recipe must be one of {', '.join(RECIPES)}, got {self.recipe!r}")
+
+    def randomization(self) -> RandomizationConfig:
+        if self.recipe == "physical":
+            return replace(
+                RandomizationConfig.physical(screenshot_fraction=self.screenshot_fraction), model_window=self.window
+            )
+        return replace(RandomizationConfig(), model_window=self.window)
+
+    def appearance(self) -> LesionAppearance:
+        return LesionAppearance.measured() if self.recipe == "physical" else LesionAppearance()
+
+    @property
+    def calcification_hu(self) -> tuple[float, float]:
+        """Hard negatives: v3 drew 100-400 HU; "physical" only densities blood never has."""
+        return (150.0, 600.0) if self.recipe == "physical" else (100.0, 400.0)
 
     def key(self, background_digest: str) -> str:
-        text = json.dumps([BANK_FORMAT, self.__dict__, background_digest], sort_keys=True, default=str)
+        fields = dict(self.__dict__)
+        if fields["recipe"] == "v3":  # banks cached before the recipe existed keep their key
+            for name in ("recipe", "screenshot_fraction", "lesion_shapes"):
+                fields.pop(name)
+        text = json.dumps([BANK_FORMAT, fields, background_digest], sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
@@ -101,7 +129,7 @@ class SyntheticConfig:
 
 def load_background_slices(ct_dir: Path) -> tuple[BackgroundSlice, ...]:
     """Every slice of the study in ``ct_dir`` (read as ``ichvol segment`` reads it) with its
-    intracranial mask. Raises :class:`worker.errors.StudyError` for an unusable folder."""
+    intracranial mask. Raises :class:`worker.core.errors.StudyError` for an unusable folder."""
     from worker.imaging.dicom_load import load_study
     from worker.imaging.series_selection import SelectionRules
 
@@ -114,6 +142,28 @@ def load_background_slices(ct_dir: Path) -> tuple[BackgroundSlice, ...]:
     )
 
 
+def _recipe_text(config: SyntheticConfig, shapes: ShapeBank | None) -> str:
+    if config.recipe == "v3":
+        return "domain randomisation of window, gain, gamma, noise, kernel, streaks and 8-bit/JPEG export"
+    real_shapes = f"; real outlines from {shapes.source} for half the parenchymal lesions" if shapes else ""
+    return (
+        "the physical recipe: calibrated HU with a few HU of offset, noise, kernel and streaks (no gain, gamma "
+        f"or random window), {config.screenshot_fraction:.0%} of samples through the screenshot path (random "
+        "brain display window, 8-bit, JPEG, re-anchored on the parenchyma as images are at inference); blood "
+        "55-85 HU, homogeneous, sharp margins (darker collections extra-axial only); calcifications only at "
+        f"150-600 HU{real_shapes}"
+    )
+
+
+def _shapes_digest(shapes: ShapeBank | None) -> str:
+    if shapes is None:
+        return ""
+    digest = hashlib.sha256()
+    for shape in shapes.shapes:
+        digest.update(np.packbits(shape).tobytes() + str(shape.shape).encode())
+    return digest.hexdigest()[:12]
+
+
 def backgrounds_digest(slices: tuple[BackgroundSlice, ...]) -> str:
     digest = hashlib.sha256()
     for s in slices:
@@ -124,8 +174,15 @@ def backgrounds_digest(slices: tuple[BackgroundSlice, ...]) -> str:
 # --- hard negatives ----------------------------------------------------------------------------
 
 
-def add_calcifications(hu: F32, intracranial: U8, *, pixel_mm: float, rng: np.random.Generator) -> F32:
-    """1-4 small bright foci (100-400 HU, 1-4 mm) in the intracranial space: never hematoma."""
+def add_calcifications(
+    hu: F32,
+    intracranial: U8,
+    *,
+    pixel_mm: float,
+    rng: np.random.Generator,
+    hu_range: tuple[float, float] = (100.0, 400.0),
+) -> F32:
+    """1-4 small bright foci (``hu_range`` HU, 1-4 mm) in the intracranial space: never hematoma."""
     out = hu.copy()
     points = np.argwhere(intracranial > 0)
     if len(points) == 0:
@@ -133,7 +190,7 @@ def add_calcifications(hu: F32, intracranial: U8, *, pixel_mm: float, rng: np.ra
     for _ in range(int(rng.integers(1, 5))):
         r, c = points[int(rng.integers(len(points)))]
         radius = max(float(rng.uniform(0.5, 2.0)) / pixel_mm, 0.6)
-        value = float(rng.uniform(100.0, 400.0))
+        value = float(rng.uniform(*hu_range))
         canvas = np.zeros(hu.shape, dtype=np.float32)
         cv2.circle(canvas, (int(c), int(r)), math.ceil(radius), 1.0, -1)
         canvas = np.asarray(cv2.GaussianBlur(canvas, (0, 0), sigmaX=max(radius / 2.0, 0.5)), dtype=np.float32)
@@ -146,7 +203,11 @@ def add_calcifications(hu: F32, intracranial: U8, *, pixel_mm: float, rng: np.ra
 
 
 def real_background_sample(
-    background: BackgroundSlice, *, config: SyntheticConfig, rng: np.random.Generator
+    background: BackgroundSlice,
+    *,
+    config: SyntheticConfig,
+    rng: np.random.Generator,
+    shapes: ShapeBank | None = None,
 ) -> tuple[U8, U8]:
     """One training sample (uint8 image, uint8 mask) from a real slice with inserted hematomas."""
     view = random_view(
@@ -166,16 +227,22 @@ def real_background_sample(
             pixel_spacing_mm=(view.pixel_mm, view.pixel_mm),
             rng=rng,
             n_lesions=n,
+            appearance=config.appearance(),
+            shapes=shapes,
         )
     if rng.random() < config.calcification_fraction:
-        hu = add_calcifications(hu, view.intracranial * (1 - mask), pixel_mm=view.pixel_mm, rng=rng)
-    return _finish(hu, mask, view.intracranial, view.pixel_mm, rng=rng)
+        hu = add_calcifications(
+            hu, view.intracranial * (1 - mask), pixel_mm=view.pixel_mm, rng=rng, hu_range=config.calcification_hu
+        )
+    return _finish(hu, mask, view.intracranial, view.pixel_mm, rng=rng, config=config)
 
 
-def _finish(hu: F32, mask: U8, intracranial: U8, pixel_mm: float, *, rng: np.random.Generator) -> tuple[U8, U8]:
-    from worker.synth.domain_randomization import View
-
-    unit = randomize_appearance(View(hu=hu, mask=mask, intracranial=intracranial, pixel_mm=pixel_mm), rng=rng)
+def _finish(
+    hu: F32, mask: U8, intracranial: U8, pixel_mm: float, *, rng: np.random.Generator, config: SyntheticConfig
+) -> tuple[U8, U8]:
+    unit = randomize_appearance(
+        View(hu=hu, mask=mask, intracranial=intracranial, pixel_mm=pixel_mm), rng=rng, config=config.randomization()
+    )
     image = np.clip(np.rint((unit + 1.0) * 127.5), 0, 255).astype(np.uint8)
     return image, mask.astype(np.uint8)
 
@@ -232,7 +299,7 @@ def render_random_phantom(seed: int) -> tuple[F32, U8, tuple[float, float]]:
     raise RuntimeError(f"no phantom could be placed for seed {seed}")
 
 
-def phantom_samples(seed: int, *, config: SyntheticConfig) -> Iterator[tuple[U8, U8]]:
+def phantom_samples(seed: int, *, config: SyntheticConfig, shapes: ShapeBank | None = None) -> Iterator[tuple[U8, U8]]:
     """Training samples from every slice of one random phantom study."""
     rng = np.random.default_rng([config.seed, 2, seed])
     hu, mask, spacing = render_random_phantom(seed)
@@ -250,12 +317,18 @@ def phantom_samples(seed: int, *, config: SyntheticConfig) -> Iterator[tuple[U8,
                 rng=rng,
                 n_lesions=1,
                 existing_mask=slice_mask,
+                appearance=config.appearance(),
+                shapes=shapes,
             )
         if rng.random() < config.calcification_fraction:
             slice_hu = add_calcifications(
-                slice_hu, view.intracranial * (1 - slice_mask), pixel_mm=view.pixel_mm, rng=rng
+                slice_hu,
+                view.intracranial * (1 - slice_mask),
+                pixel_mm=view.pixel_mm,
+                rng=rng,
+                hu_range=config.calcification_hu,
             )
-        yield _finish(slice_hu, slice_mask, view.intracranial, view.pixel_mm, rng=rng)
+        yield _finish(slice_hu, slice_mask, view.intracranial, view.pixel_mm, rng=rng, config=config)
 
 
 # --- the bank ------------------------------------------------------------------------------------
@@ -304,14 +377,17 @@ class UInt8Slices:
         return SliceArrays(self.images.astype(np.float32) / 127.5 - 1.0, self.masks.copy(), self.patients)
 
 
-def _chunk(task: tuple[str, int, SyntheticConfig, tuple[BackgroundSlice, ...]]) -> tuple[U8, U8, list[str]]:
+_Task = tuple[str, int, SyntheticConfig, tuple[BackgroundSlice, ...], ShapeBank | None]
+
+
+def _chunk(task: _Task) -> tuple[U8, U8, list[str]]:
     """One unit of bank generation (runs in a worker process): a phantom study or real samples."""
-    kind, index, config, backgrounds = task
+    kind, index, config, backgrounds, shapes = task
     images: list[U8] = []
     masks: list[U8] = []
     sources: list[str] = []
     if kind == "phantom":
-        for image, mask in phantom_samples(index, config=config):
+        for image, mask in phantom_samples(index, config=config, shapes=shapes):
             images.append(image)
             masks.append(mask)
             sources.append(f"phantom-{index}")
@@ -319,7 +395,7 @@ def _chunk(task: tuple[str, int, SyntheticConfig, tuple[BackgroundSlice, ...]]) 
         rng = np.random.default_rng([config.seed, 1, index])
         for _ in range(64):
             k = int(rng.integers(len(backgrounds)))
-            image, mask = real_background_sample(backgrounds[k], config=config, rng=rng)
+            image, mask = real_background_sample(backgrounds[k], config=config, rng=rng, shapes=shapes)
             images.append(image)
             masks.append(mask)
             sources.append(f"real-{k}")
@@ -332,6 +408,7 @@ def generate_bank(
     backgrounds: tuple[BackgroundSlice, ...],
     workers: int = 1,
     progress: bool = False,
+    shapes: ShapeBank | None = None,
 ) -> UInt8Slices:
     """Generate ``config.n_samples`` training samples (deterministic under ``config.seed``).
 
@@ -361,7 +438,7 @@ def generate_bank(
         if progress:
             print(f"synthetic bank: {counts['real'] + counts['phantom']}/{config.n_samples} samples", flush=True)
 
-    def batch() -> list[tuple[str, int, SyntheticConfig, tuple[BackgroundSlice, ...]]]:
+    def batch() -> list[_Task]:
         """Tasks enough for what is still missing (a short phantom study leaves a gap: more tasks)."""
         tasks = []
         for kind in ("real", "phantom"):
@@ -370,7 +447,7 @@ def generate_bank(
                 continue
             n = max(1, -(-room // per_task[kind]))
             base = 0 if kind == "real" else config.seed * 100_000
-            tasks += [(kind, base + next_index[kind] + i, config, backgrounds) for i in range(n)]
+            tasks += [(kind, base + next_index[kind] + i, config, backgrounds, shapes) for i in range(n)]
             next_index[kind] += n
         return tasks
 
@@ -425,6 +502,7 @@ def load_or_generate_bank(
     backgrounds: tuple[BackgroundSlice, ...],
     cache_dir: Path,
     workers: int | None = None,
+    shapes: ShapeBank | None = None,
 ) -> UInt8Slices:
     """The bank for ``config`` from ``cache_dir`` (``synthetic-<key>.npz``), generated and saved if absent."""
     key = config.key(backgrounds_digest(backgrounds) if backgrounds else "none")
@@ -433,7 +511,11 @@ def load_or_generate_bank(
         with np.load(path) as data:
             return UInt8Slices(data["images"], data["masks"], tuple(str(s) for s in data["sources"]))
     bank = generate_bank(
-        config=config, backgrounds=backgrounds, workers=workers or max(1, (os.cpu_count() or 1)), progress=True
+        config=config,
+        backgrounds=backgrounds,
+        workers=workers or max(1, (os.cpu_count() or 1)),
+        progress=True,
+        shapes=shapes,
     )
     Path(cache_dir).mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp.npz")
@@ -451,32 +533,45 @@ def training_sources(
     cache_dir: Path,
     background_ct: Path | None = None,
     workers: int | None = None,
+    recipe: str = "v3",
+    lesion_shapes: Path | None = None,
+    screenshot_fraction: float = 0.3,
 ) -> tuple[UInt8Slices, SliceArrays, str]:
     """Training bank, validation slices and a description for ``ichvol train --synthetic realistic``.
 
     ``background_ct``: a folder holding one real head CT without hemorrhage (DICOM), used
     as background for lesion insertion and, unaltered, as the false-positive part of
-    validation; without it every sample is a phantom. Raises
-    :class:`worker.errors.StudyError` when the folder holds no usable CT.
+    validation; without it every sample is a phantom. ``recipe``: ``v3`` or ``physical``
+    (:data:`RECIPES`); ``lesion_shapes``: a NIfTI label map whose intraparenchymal label gives
+    real outlines for half the parenchymal lesions (:mod:`worker.synth.lesion_shapes`). Raises
+    :class:`worker.core.errors.StudyError` when the folder holds no usable CT.
     """
+    from worker.synth.lesion_shapes import load_shape_bank
+
     backgrounds = load_background_slices(background_ct) if background_ct is not None else ()
+    shapes = load_shape_bank(lesion_shapes) if lesion_shapes is not None else None
     config = SyntheticConfig(
         size=input_size,
         n_samples=n_samples,
         seed=seed,
         window=(float(window[0]), float(window[1])),
         background_share=0.6 if backgrounds else 0.0,
+        recipe=recipe,
+        lesion_shapes=_shapes_digest(shapes),
+        screenshot_fraction=screenshot_fraction,
     )
-    bank = load_or_generate_bank(config=config, backgrounds=backgrounds, cache_dir=cache_dir, workers=workers)
+    bank = load_or_generate_bank(
+        config=config, backgrounds=backgrounds, cache_dir=cache_dir, workers=workers, shapes=shapes
+    )
     validation, counts = validation_slices(config=config, backgrounds=backgrounds)
     n_real = sum(1 for p in bank.patients if p.startswith("real-"))
     n_blood = int(bank.masks.reshape(len(bank), -1).any(axis=1).sum())
     where = f"the real head CT in {Path(background_ct).name}/ (no hemorrhage)" if background_ct else "none"
     description = (
-        f"realistic synthetic data (worker.realistic_data, seed {seed}): {len(bank)} training slices at "
+        f"realistic synthetic data (worker.research.realistic_data, seed {seed}): {len(bank)} training slices at "
         f"{input_size} px, {n_blood} with hematoma; {n_real} from synthetic hematomas blended into {where} with "
         f"random views, {len(bank) - n_real} from whole-range phantom studies (skull base, neck, shoulders); "
-        f"domain randomisation of window, noise, kernel, streaks and 8-bit/JPEG export. Validation: "
+        f"{_recipe_text(config, shapes)}. Validation: "
         f"{counts['phantom']} slices of {config.n_val_phantoms} held-out phantom studies and the "
         f"{counts['real_background']} unaltered real background slices (every pixel predicted there is false)"
     )

@@ -81,6 +81,10 @@ class TrainConfig:
     bn_recalibration_batches: int = 25  # precise BatchNorm before each validation (0: off)
     init_weights: Path | None = None  # fine-tune: start from this weights file instead of random weights
     lr_schedule: str = "constant"  # "constant", or "cosine": decay to LR_FLOOR_FRACTION of it over the run
+    # Real slices with reference masks (images folder, masks folder): scored each epoch through the
+    # image path of `ichvol predict-images`; the checkpoint kept is the best mean of this real Dice
+    # and the pooled synthetic validation Dice (never the synthetic score alone). Never in the loss.
+    real_images: tuple[Path, Path] | None = None
 
 
 LR_SCHEDULES = ("constant", "cosine")
@@ -94,6 +98,35 @@ class TrainOutcome:
     best_val_dice: float
     history: list[dict[str, float]] = field(default_factory=list)
     seconds: float = 0.0
+
+
+class _FunctionSegmenter:
+    """A model function behind the Segmenter protocol (for scoring during training)."""
+
+    engine = "keras"
+
+    def __init__(self, info: ModelInfo, fn: Any, batch_size: int) -> None:
+        self._info = info
+        self._fn = fn
+        self._batch_size = batch_size
+
+    @property
+    def info(self) -> ModelInfo:
+        return self._info
+
+    def predict(self, images: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        parts = [
+            np.asarray(self._fn(images[i : i + self._batch_size, ..., None]), dtype=np.float32)[..., 0]
+            for i in range(0, len(images), self._batch_size)
+        ]
+        return np.concatenate(parts)
+
+
+def selection_score(scores: dict[str, float]) -> float:
+    """What checkpoints are chosen by: the pooled synthetic Dice, averaged with the real-slice Dice when scored."""
+    synthetic = float(scores["val_dice_pooled"])
+    real = scores.get("real_dice")
+    return synthetic if real is None or real != real else 0.5 * synthetic + 0.5 * float(real)
 
 
 def _dice_scores(model_fn: Any, data: SliceArrays, batch_size: int) -> dict[str, float]:
@@ -345,6 +378,24 @@ def _fit(
     if log_json.exists():
         history = json.loads(log_json.read_text())
 
+    real_pairs = None
+    if config.real_images is not None:
+        from worker.research.image_yardstick import load_reference_pairs
+
+        real_pairs = load_reference_pairs(Path(config.real_images[0]), Path(config.real_images[1]))
+
+    def validate() -> dict[str, float]:
+        scores = _dice_scores(model_fn, validation, config.batch_size)
+        if real_pairs is not None:
+            from worker.measure.image_inference import ImageOptions
+            from worker.research.image_yardstick import score_pairs
+
+            segmenter = _FunctionSegmenter(info_for(scores), model_fn, config.batch_size)
+            result, _ = score_pairs(real_pairs, segmenter=segmenter, options=ImageOptions())
+            scores |= result.summary()
+        scores["selection"] = selection_score(scores)
+        return scores
+
     def info_for(scores: dict[str, float]) -> ModelInfo:
         return ModelInfo(
             name=DISPLAY_NAMES[config.architecture],
@@ -364,7 +415,7 @@ def _fit(
         # Fine-tuning: the starting weights are epoch 0, scored as they are (their own
         # BatchNorm statistics) and kept unless an epoch beats them, so a run never hands
         # back a model that validates worse than the one it started from.
-        scores = _dice_scores(model_fn, validation, config.batch_size)
+        scores = validate()
         history.append(
             {
                 "epoch": 0.0,
@@ -375,12 +426,12 @@ def _fit(
                 "slices_per_s": 0.0,
             }
         )
-        best.update(epoch=0, dice=scores["val_dice_pooled"])
+        best.update(epoch=0, dice=scores["selection"])
         save_model(_export_copy(model, config), config.out_path, info_for(scores), float16=config.float16_weights)
         state_path.write_text(json.dumps(best))
         _write_logs(work_dir, history)
         if config.verbose:
-            print(f"epoch 0 (the starting weights): val Dice {best['dice']:.3f}", flush=True)
+            print(f"epoch 0 (the starting weights): selection score {best['dice']:.3f}", flush=True)
 
     class _Validate(keras.callbacks.Callback):  # type: ignore[misc,name-defined]
         def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
@@ -390,7 +441,7 @@ def _fit(
             train_seconds = time.perf_counter() - epoch_started[0]
             if calibration is not None:
                 recalibrate_batchnorm(model, calibration.take(config.bn_recalibration_batches))
-            scores = _dice_scores(model_fn, validation, config.batch_size)
+            scores = validate()
             seconds = time.perf_counter() - epoch_started[0]
             row = {
                 "epoch": float(epoch + 1),
@@ -403,7 +454,7 @@ def _fit(
             # A resumed run repeats the epochs after its last backup: keep one row per epoch.
             history[:] = [r for r in history if r["epoch"] < epoch + 1]
             history.append(row)
-            dice = scores["val_dice_pooled"]
+            dice = scores["selection"]
             if dice > best["dice"]:
                 best.update(epoch=epoch + 1, dice=dice)
                 save_model(
@@ -412,9 +463,15 @@ def _fit(
                 state_path.write_text(json.dumps(best))
             _write_logs(work_dir, history)
             if config.verbose:
+                real = (
+                    f", real slices {scores['real_dice']:.3f} ({scores['real_found']:.0f} found)"
+                    if "real_dice" in scores
+                    else ""
+                )
                 print(
                     f"epoch {epoch + 1}/{config.epochs}: loss {row['loss']:.4f} "
-                    f"val Dice {dice:.3f} (best {best['dice']:.3f} @ {best['epoch']}), "
+                    f"val Dice {scores['val_dice_pooled']:.3f}{real}, selection {dice:.3f} "
+                    f"(best {best['dice']:.3f} @ {best['epoch']}), "
                     f"{row['slices_per_s']:.1f} slices/s",
                     flush=True,
                 )

@@ -72,6 +72,32 @@ class RandomizationConfig:
     jpeg_fraction: float = 0.5  # of the 8-bit exports
     arc_fraction: float = 0.25
     streak_fraction: float = 0.3
+    gamma_fraction: float = 0.3
+    # The screenshot path (``physical`` recipe): an 8-bit export through a display window
+    # (level, width in HU), read back as inference reads images (worker.imaging.slice_calibration).
+    screenshot_calibration: bool = False
+    display_level: tuple[float, float] = (30.0, 50.0)
+    display_width: tuple[float, float] = (60.0, 140.0)
+
+    @classmethod
+    def physical(cls, *, screenshot_fraction: float = 0.3) -> RandomizationConfig:
+        """What CT physically varies, on calibrated HU: a few HU of offset, noise, kernel, streaks.
+
+        No contrast gain, gamma or random window on the HU path (HU are calibrated). A share
+        ``screenshot_fraction`` of samples takes the screenshot path instead: a random brain
+        display window, 8-bit, often JPEG, head-holder arcs, then the parenchyma
+        re-anchoring that ``ichvol predict-images`` applies to images.
+        """
+        return cls(
+            offset_hu=4.0,
+            gain=(1.0, 1.0),
+            random_window_fraction=0.0,
+            gamma_fraction=0.0,
+            export_8bit_fraction=screenshot_fraction,
+            jpeg_fraction=0.5,
+            arc_fraction=0.5,
+            screenshot_calibration=True,
+        )
 
 
 def _head_extent_px(hu: F32) -> tuple[float, float, float, float]:
@@ -166,6 +192,27 @@ def _head_holder_arcs(image: F32, rng: np.random.Generator) -> F32:
     return np.where(canvas > 0, float(rng.uniform(0.6, 1.0)), out).astype(np.float32)
 
 
+def _screenshot(hu: F32, *, rng: np.random.Generator, config: RandomizationConfig) -> F32:
+    """The screenshot path: display window -> 8-bit (JPEG, arcs) -> HU as inference estimates them."""
+    from worker.imaging.slice_calibration import calibrate_image
+    from worker.model.preprocess import window_to_unit
+
+    level = float(rng.uniform(*config.display_level))
+    width = float(rng.uniform(*config.display_width))
+    pixels = np.clip(np.rint((hu - (level - width / 2.0)) * (255.0 / width)), 0, 255).astype(np.uint8)
+    if rng.random() < config.arc_fraction:
+        arcs = _head_holder_arcs(np.full(pixels.shape, -1.0, dtype=np.float32), rng)
+        pixels = np.where(arcs > -1.0, np.uint8(255), pixels).astype(np.uint8)
+    if rng.random() < config.jpeg_fraction:
+        quality = int(rng.integers(55, 96))
+        ok, encoded = cv2.imencode(".jpg", pixels, [cv2.IMWRITE_JPEG_QUALITY, quality])
+        if ok:
+            pixels = np.asarray(cv2.imdecode(encoded, cv2.IMREAD_GRAYSCALE), dtype=np.uint8)
+    calibration = calibrate_image(pixels, model_window=config.model_window)
+    out: F32 = window_to_unit(calibration.to_hu(pixels), window=config.model_window)
+    return out
+
+
 def randomize_appearance(
     view: View,
     *,
@@ -195,13 +242,18 @@ def randomize_appearance(
     if noise_hu > 0:
         corr = float(rng.uniform(0.0, 1.2))
         hu = hu + noise_hu * smooth_noise((size, size), scale_px=corr, rng=rng) * body
+    if config.screenshot_calibration and rng.random() < config.export_8bit_fraction:
+        return _screenshot(hu, rng=rng, config=config)
     if rng.random() < config.random_window_fraction:
         low = float(rng.uniform(*config.window_low))
         high = float(rng.uniform(*config.window_high))
     else:
         low, high = config.model_window
     unit = np.clip((hu - low) * (2.0 / (high - low)) - 1.0, -1.0, 1.0)
-    if rng.random() < 0.3:
+    if config.screenshot_calibration:  # the HU path of the physical recipe ends here
+        hu_path: F32 = unit.astype(np.float32)
+        return hu_path
+    if rng.random() < config.gamma_fraction:
         gamma = float(rng.uniform(0.8, 1.25))
         unit = 2.0 * ((unit + 1.0) / 2.0) ** gamma - 1.0
     if rng.random() < config.arc_fraction:

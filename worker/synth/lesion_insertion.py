@@ -36,11 +36,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
 import numpy.typing as npt
 from scipy import ndimage
+
+if TYPE_CHECKING:
+    from worker.synth.lesion_shapes import ShapeBank
 
 F32 = npt.NDArray[np.float32]
 U8 = npt.NDArray[np.uint8]
@@ -50,6 +54,34 @@ DEFAULT_KIND_WEIGHTS = {"round": 0.22, "irregular": 0.26, "intraventricular": 0.
 ACUTE_HU = (50.0, 90.0)
 DARK_HU = (30.0, 50.0)
 RIM_HU = (12.0, 25.0)
+
+
+@dataclass(frozen=True)
+class LesionAppearance:
+    """How inserted blood looks: mean HU ranges, heterogeneity (HU) and edge blur.
+
+    The defaults are the v3 generator's; :meth:`measured` follows what real acute
+    hematomas show (55-85 HU, fairly homogeneous, a sharp margin), with darker subacute
+    collections kept for the extra-axial kinds only.
+    """
+
+    acute_hu: tuple[float, float] = ACUTE_HU
+    dark_hu: tuple[float, float] = DARK_HU
+    heterogeneity_hu: tuple[float, float] = (2.0, 8.0)
+    edge_sigma: tuple[float, float] = (0.3, 0.9)  # x 0.6 mm, in pixels (partial-volume blur of the margin)
+    swirl_fraction: float = 0.15
+    dark_kinds: tuple[str, ...] = LESION_KINDS  # kinds that may be drawn dark
+
+    @classmethod
+    def measured(cls) -> LesionAppearance:
+        return cls(
+            acute_hu=(55.0, 85.0),
+            dark_hu=DARK_HU,
+            heterogeneity_hu=(1.0, 4.0),
+            edge_sigma=(0.2, 0.5),
+            swirl_fraction=0.08,
+            dark_kinds=("subdural", "epidural"),
+        )
 
 
 @dataclass(frozen=True)
@@ -79,7 +111,7 @@ def brain_regions(hu: F32, intracranial: U8, *, pixel_spacing_mm: tuple[float, f
     """Distance to the inner table (mm, 0 outside) and the ventricles (large central CSF pools).
 
     ``intracranial``: the skull-enclosed space (for a real slice, from
-    :func:`worker.postprocess.intracranial_mask`). Ventricles are 4-connected pixels under
+    :func:`worker.measure.postprocess.intracranial_mask`). Ventricles are 4-connected pixels under
     18 HU, at least 3 mm from the inner table, of at least 25 mm^2, whose centroid lies in
     the central half of the intracranial space.
     """
@@ -125,23 +157,30 @@ def brain_space(
 
 
 def _blood_field(
-    shape: tuple[int, int], *, mean_hu: float, rng: np.random.Generator, pixel_mm: float
+    shape: tuple[int, int],
+    *,
+    mean_hu: float,
+    rng: np.random.Generator,
+    pixel_mm: float,
+    appearance: LesionAppearance = LesionAppearance(),
 ) -> tuple[F32, float]:
     """Blood HU: the mean plus a smooth heterogeneity (clot retraction, serum), and its sigma."""
-    hetero = float(rng.uniform(2.0, 8.0))
+    hetero = float(rng.uniform(*appearance.heterogeneity_hu))
     field = mean_hu + hetero * smooth_noise(shape, scale_px=float(rng.uniform(1.5, 5.0)) / pixel_mm, rng=rng)
-    if rng.random() < 0.15:  # a swirl of fresh, less dense blood within (active bleeding)
+    if rng.random() < appearance.swirl_fraction:  # a swirl of fresh, less dense blood within (active bleeding)
         field -= float(rng.uniform(8.0, 20.0)) * np.clip(
             smooth_noise(shape, scale_px=4.0 / pixel_mm, rng=rng) - 1.0, 0.0, None
         )
     return field.astype(np.float32), hetero
 
 
-def _draw_mean_hu(kind: str, rng: np.random.Generator, *, dark_fraction: float) -> float:
-    if rng.random() < dark_fraction:
-        return float(rng.uniform(*DARK_HU))
-    low = 55.0 if kind == "epidural" else ACUTE_HU[0]
-    return float(rng.uniform(low, ACUTE_HU[1]))
+def _draw_mean_hu(
+    kind: str, rng: np.random.Generator, *, dark_fraction: float, appearance: LesionAppearance = LesionAppearance()
+) -> float:
+    if kind in appearance.dark_kinds and rng.random() < dark_fraction:
+        return float(rng.uniform(*appearance.dark_hu))
+    low = max(55.0, appearance.acute_hu[0]) if kind == "epidural" else appearance.acute_hu[0]
+    return float(rng.uniform(low, appearance.acute_hu[1]))
 
 
 def _radial_push(
@@ -281,6 +320,8 @@ def insert_lesions(
     dark_fraction: float = 0.15,
     mass_effect: bool = True,
     existing_mask: U8 | None = None,
+    appearance: LesionAppearance = LesionAppearance(),
+    shapes: ShapeBank | None = None,
 ) -> tuple[F32, U8, tuple[InsertedLesion, ...]]:
     """Blend ``n_lesions`` synthetic hematomas into one HU slice; returns HU, mask and records.
 
@@ -291,6 +332,9 @@ def insert_lesions(
     a vertex slice, say) is skipped. ``existing_mask`` (a hematoma already present, e.g.
     from a 3-D phantom) is kept, moved with the mass effect, and new blood avoids it. The
     returned mask is the union (uint8 0/1); the input arrays are not modified.
+    ``appearance``: blood densities and margins (:class:`LesionAppearance`); ``shapes``: real
+    hemorrhage outlines (:class:`worker.synth.lesion_shapes.ShapeBank`), used for a share of the
+    intraparenchymal lesions when given.
     """
     out = np.asarray(hu, dtype=np.float32).copy()
     mask = np.zeros(out.shape, dtype=bool) if existing_mask is None else existing_mask.astype(bool).copy()
@@ -309,7 +353,11 @@ def insert_lesions(
         found: tuple[npt.NDArray[np.bool_], tuple[float, float], float] | None
         if kind in ("round", "irregular"):
             tissue = free & (ventricles == 0)
-            found = _parenchymal_shape(kind, distance=distance, allowed=tissue, pixel_mm=pixel_mm, rng=rng)
+            found = None
+            if shapes is not None and rng.random() < shapes.share:
+                found = shapes.place(distance=distance, allowed=tissue, pixel_mm=pixel_mm, rng=rng)
+            if found is None:
+                found = _parenchymal_shape(kind, distance=distance, allowed=tissue, pixel_mm=pixel_mm, rng=rng)
         elif kind == "intraventricular":
             found = _ventricular_shape((ventricles.astype(bool) & free).astype(np.uint8), rng=rng)
         else:
@@ -331,8 +379,8 @@ def insert_lesions(
             )
             mask = (moved > 0.5) & inside
             shape &= ~mask
-        mean_hu = _draw_mean_hu(kind, rng, dark_fraction=dark_fraction)
-        blood, _ = _blood_field(out.shape, mean_hu=mean_hu, rng=rng, pixel_mm=pixel_mm)
+        mean_hu = _draw_mean_hu(kind, rng, dark_fraction=dark_fraction, appearance=appearance)
+        blood, _ = _blood_field(out.shape, mean_hu=mean_hu, rng=rng, pixel_mm=pixel_mm, appearance=appearance)
         if kind in ("round", "irregular") and rng.random() < 0.7:
             rim_mm = float(rng.uniform(1.0, 6.0))
             ring = (
@@ -346,7 +394,7 @@ def insert_lesions(
             rim_hu = float(rng.uniform(*RIM_HU))
             soft = cv2.GaussianBlur(ring.astype(np.float32), (0, 0), sigmaX=max(0.8 / pixel_mm, 0.5))
             out = out * (1.0 - soft) + rim_hu * soft + 2.0 * smooth_noise(out.shape, scale_px=1.0, rng=rng) * soft
-        sigma_px = float(rng.uniform(0.3, 0.9)) * max(0.6 / pixel_mm, 0.5)
+        sigma_px = float(rng.uniform(*appearance.edge_sigma)) * max(0.6 / pixel_mm, 0.5)
         alpha = cv2.GaussianBlur(shape.astype(np.float32), (0, 0), sigmaX=sigma_px)
         alpha = np.where(inside, np.maximum(alpha, shape.astype(np.float32) * 0.85), 0.0).astype(np.float32)
         out = out * (1.0 - alpha) + blood * alpha

@@ -13,7 +13,12 @@ import pytest
 from tests.helpers.segmenters import HuBandSegmenter
 from worker import cli
 from worker.core.errors import ConfigurationError
+from worker.measure.image_inference import ImageOptions
 from worker.measure.predict_images import predict_images
+from worker.measure.seeded_growth import GrowthSettings
+
+# The seed's path: levels span the model's window, no skull restriction, no growth.
+RAW = ImageOptions(calibration="none", intracranial=False, growth=GrowthSettings(enabled=False))
 
 
 def _bright_band() -> HuBandSegmenter:
@@ -51,7 +56,9 @@ def _rows(path: Path) -> dict[str, dict[str, str]]:
 
 def test_masks_overlays_and_areas_for_every_readable_image(tmp_path: Path) -> None:
     discs = _inputs(tmp_path / "in")
-    result = predict_images(in_dir=tmp_path / "in", out_dir=tmp_path / "out", segmenter=_bright_band(), batch_size=2)
+    result = predict_images(
+        in_dir=tmp_path / "in", out_dir=tmp_path / "out", segmenter=_bright_band(), batch_size=2, options=RAW
+    )
     rows = _rows(tmp_path / "out" / "areas.csv")
     assert {f: r["status"] for f, r in rows.items()} == {
         "a.png": "ok",
@@ -88,6 +95,7 @@ def test_areas_and_volume_only_with_the_geometry(tmp_path: Path) -> None:
         segmenter=_bright_band(),
         pixel_spacing_mm=(0.5, 0.4),
         slice_thickness_mm=5.0,
+        options=RAW,
     )
     ok = [r for r in result.images if r.status == "ok"]
     for r in ok:
@@ -104,8 +112,44 @@ def test_inputs_sharing_a_name_keep_their_extension(tmp_path: Path) -> None:
     image, _ = _slice(32, 32, centre=(16, 16), radius=6)
     cv2.imwrite(str(folder / "x.png"), image)
     cv2.imwrite(str(folder / "x.jpg"), image)
-    predict_images(in_dir=folder, out_dir=tmp_path / "out", segmenter=_bright_band())
+    predict_images(in_dir=folder, out_dir=tmp_path / "out", segmenter=_bright_band(), options=RAW)
     assert sorted(p.name for p in (tmp_path / "out" / "masks").iterdir()) == ["x.jpg.png", "x.png.png"]
+
+
+def _screenshot(size: int = 200) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A windowed head: saturated skull ring, brain at level 140, a bleed at 230 inside, a bright blob outside."""
+    yy, xx = np.mgrid[:size, :size]
+    r = np.hypot(yy - size / 2, xx - size / 2)
+    image = np.zeros((size, size), np.uint8)
+    image[r < 0.42 * size] = 255
+    image[r < 0.38 * size] = 140
+    bleed = np.hypot(yy - 90, xx - 80) < 14
+    image[bleed] = 230
+    scalp = np.hypot(yy - 8, xx - 8) < 6  # outside the skull
+    image[scalp] = 230
+    return image, bleed, scalp
+
+
+def test_images_are_read_as_hu_and_kept_inside_the_skull_by_default(tmp_path: Path) -> None:
+    """Default path: the parenchyma (level 140) reads 33 HU, blood 90 levels above reads about 75 HU."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    image, bleed, scalp = _screenshot()
+    cv2.imwrite(str(folder / "head.png"), image)
+    model = HuBandSegmenter(input_size=64, window=(-20.0, 100.0), band_hu=(55.0, 80.0))
+    predict_images(in_dir=folder, out_dir=tmp_path / "out", segmenter=model)
+    mask = cv2.imread(str(tmp_path / "out" / "masks" / "head.png"), cv2.IMREAD_GRAYSCALE) > 0
+    assert 2 * (mask & bleed).sum() / (mask.sum() + bleed.sum()) > 0.85
+    assert not (mask & scalp).any()  # outside the skull ring
+    rows = _rows(tmp_path / "out" / "areas.csv")
+    assert rows["head.png"]["calibration"] == "parenchyma (level 140 read as 33 HU)"
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["postprocessing"]["calibration"] == "parenchyma"
+    assert summary["postprocessing"]["growth"]["enabled"] is True
+    # The seed's convention reads level 230 as 88 HU (calcification-like): outside the band.
+    predict_images(in_dir=folder, out_dir=tmp_path / "raw", segmenter=model, options=RAW)
+    raw = cv2.imread(str(tmp_path / "raw" / "masks" / "head.png"), cv2.IMREAD_GRAYSCALE) > 0
+    assert (raw & bleed).sum() < 0.1 * bleed.sum()
 
 
 def test_a_folder_without_images_is_an_error(tmp_path: Path) -> None:

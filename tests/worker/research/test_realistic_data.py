@@ -134,3 +134,30 @@ def test_uint8_slices_stream_model_inputs() -> None:
     assert tuple(x.shape) == (4, 2, 2, 1) and str(x.dtype) == "<dtype: 'float32'>"
     np.testing.assert_allclose(x.numpy()[..., 0], arrays.images, atol=1e-6)
     np.testing.assert_array_equal(y.numpy()[..., 0], masks)
+
+
+def test_the_physical_recipe_changes_the_bank_key_and_the_hard_negatives() -> None:
+    v3, physical = SyntheticConfig(size=48), SyntheticConfig(size=48, recipe="physical")
+    assert v3.key("bg") != physical.key("bg")
+    assert v3.calcification_hu == (100.0, 400.0)
+    assert physical.calcification_hu[0] >= 150.0  # never the density of blood
+    assert physical.randomization().screenshot_calibration and physical.randomization().gain == (1.0, 1.0)
+    assert not v3.randomization().screenshot_calibration
+    with pytest.raises(ValueError, match="recipe must be one of"):
+        SyntheticConfig(recipe="wide")
+    bg = _background()
+    out = add_calcifications(bg.hu, bg.intracranial, pixel_mm=1.6, rng=np.random.default_rng(2), hu_range=(300, 301))
+    inside = bg.intracranial > 0
+    assert 250.0 < float(out[inside].max()) <= 301.0
+
+
+def test_physical_samples_are_valid_training_pairs() -> None:
+    config = SyntheticConfig(size=48, empty_fraction_real=0.0, recipe="physical")
+    blood = 0
+    for seed in range(6):
+        image, mask = real_background_sample(_background(), config=config, rng=np.random.default_rng(seed))
+        assert image.dtype == np.uint8 and image.shape == (48, 48) and set(np.unique(mask)) <= {0, 1}
+        if mask.any():
+            blood += 1
+            assert float(image[mask > 0].mean()) > float(image[mask == 0].mean())
+    assert blood >= 3

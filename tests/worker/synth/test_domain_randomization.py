@@ -89,3 +89,50 @@ def test_beam_hardening_darkens_between_dense_bones_and_spares_a_slice_without_b
     np.testing.assert_array_equal(
         beam_hardening_streaks(plain, pixel_mm=pixel_mm, strength=1.0, rng=np.random.default_rng(0)), plain
     )
+
+
+def _head_slice(size: int = 160, spacing: float = 1.2) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A head filling most of the frame (brain 33 HU, skull 1200 HU) with a 70 HU bleed."""
+    yy, xx = (np.mgrid[0:size, 0:size].astype(np.float32) - size / 2) * spacing
+    r = np.hypot(yy, xx)
+    hu = np.full((size, size), -1000.0, dtype=np.float32)
+    hu[r < 80] = 1200.0
+    hu[r < 74] = 33.0
+    bleed = np.hypot(yy - 20, xx + 25) < 15
+    hu[bleed] = 70.0
+    return hu, bleed.astype(np.uint8), (r < 74).astype(np.uint8)
+
+
+def test_the_physical_hu_path_keeps_hu_calibrated() -> None:
+    """No gain, gamma or random window: brain and blood stay within the offset and noise of their HU."""
+    hu, mask, inside = _head_slice()
+    config = RandomizationConfig.physical(screenshot_fraction=0.0)
+    from worker.model.preprocess import window_to_unit
+
+    for seed in range(8):
+        image = randomize_appearance(
+            View(hu=hu, mask=mask, intracranial=inside, pixel_mm=1.2), rng=np.random.default_rng(seed), config=config
+        )
+        expected = window_to_unit(hu, window=(-20.0, 100.0))
+        brain = (inside > 0) & (mask == 0)
+        for region in (brain, mask > 0):
+            shift_hu = (float(np.median(image[region])) - float(np.median(expected[region]))) * 60.0
+            assert abs(shift_hu) <= 4.0 + 1.5  # the calibration offset, plus the noise's median wobble
+
+
+def test_the_screenshot_path_reads_back_through_the_inference_calibration() -> None:
+    """Any brain display window: after re-anchoring the brain sits at 33 HU and blood clearly above it."""
+    hu, mask, inside = _head_slice()
+    config = RandomizationConfig.physical(screenshot_fraction=1.0)
+    brain = (inside > 0) & (mask == 0)
+    levels = []
+    for seed in range(10):
+        image = randomize_appearance(
+            View(hu=hu, mask=mask, intracranial=inside, pixel_mm=1.2), rng=np.random.default_rng(seed), config=config
+        )
+        brain_hu = (float(np.median(image[brain])) + 1.0) * 60.0 - 20.0
+        blood_hu = (float(np.median(image[mask > 0])) + 1.0) * 60.0 - 20.0
+        assert brain_hu == pytest.approx(33.0, abs=4.0)
+        assert blood_hu > brain_hu + 20.0
+        levels.append(blood_hu)
+    assert max(levels) - min(levels) > 10.0  # the display width varies what blood reads

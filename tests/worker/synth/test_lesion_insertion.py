@@ -152,3 +152,53 @@ def test_smooth_noise_is_normalised_and_correlated() -> None:
     assert float(noise.std()) == pytest.approx(1.0, rel=1e-3)
     neighbour = float(np.corrcoef(noise[:, :-1].ravel(), noise[:, 1:].ravel())[0, 1])
     assert neighbour > 0.9
+
+
+def test_measured_appearance_is_acute_homogeneous_and_dark_only_outside_the_brain() -> None:
+    from worker.synth.lesion_insertion import LesionAppearance
+
+    hu, inside = _head()
+    appearance = LesionAppearance.measured()
+    parenchymal, extra_axial = [], []
+    for seed in range(24):
+        _, _, records = insert_lesions(
+            hu=hu,
+            intracranial=inside,
+            pixel_spacing_mm=SPACING,
+            rng=np.random.default_rng(seed),
+            dark_fraction=1.0,  # every kind that may be dark is
+            appearance=appearance,
+            mass_effect=False,
+        )
+        for record in records:
+            (parenchymal if record.kind in ("round", "irregular", "intraventricular") else extra_axial).append(
+                record.mean_hu
+            )
+    assert parenchymal and all(55.0 <= m <= 85.0 for m in parenchymal)
+    assert extra_axial and all(DARK_HU[0] <= m <= DARK_HU[1] for m in extra_axial)
+
+
+def test_real_outlines_are_used_for_parenchymal_lesions_when_given() -> None:
+    from worker.synth.lesion_shapes import ShapeBank
+
+    hu, inside = _head()
+    square = np.zeros((12, 12), bool)
+    square[2:10, 2:10] = True  # a shape no ellipse would draw
+    bank = ShapeBank(shapes=(square,), share=1.0, scale=(1.0, 1.0))
+    for seed in range(6):
+        _, mask, records = insert_lesions(
+            hu=hu,
+            intracranial=inside,
+            pixel_spacing_mm=SPACING,
+            rng=np.random.default_rng(seed),
+            kinds=("round",),
+            shapes=bank,
+            mass_effect=False,
+        )
+        if records:
+            rows, cols = np.nonzero(mask)
+            box = (rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1)
+            assert mask.sum() / box > 0.6  # a (rotated) square fills most of its box; a disc 0.785 at best...
+            assert 40 <= mask.sum() <= 90  # ...and it has the square's 64 mm^2 area
+            return
+    pytest.fail("no lesion placed")

@@ -1,0 +1,128 @@
+"""Site adaptation (AdaBN): only BatchNorm statistics move, provenance recorded, refusals leave nothing."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from worker.core.errors import ConfigurationError
+from worker.model.weights import default_model_path, read_model_info
+from worker.research.adaptation import MIN_STUDIES, adapt_model, study_folders
+from worker.synth.phantom import LesionSpec, PhantomSpec, generate_study
+
+TINY = PhantomSpec(
+    rows=48,
+    columns=48,
+    pixel_spacing_mm=(4.5, 4.5),
+    slice_thickness_mm=8.0,
+    n_slices=6,
+    first_position_mm=-10.0,
+    lesions=(LesionSpec("round", volume_ml=15.0),),
+)
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Six small phantom studies, one in a nested folder, and one folder without any image."""
+    root = tmp_path_factory.mktemp("site")
+    for i in range(6):
+        generate_study(root / f"study-{i}" / ("nested" if i == 0 else ""), spec=TINY, seed=40 + i)
+    empty = root / "no-images"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("no images here")
+    return root
+
+
+def _bn_and_other_weights(path: Path) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    from worker import framework
+    from worker.model import load_keras_model
+
+    keras = framework.keras()
+    model = load_keras_model(path)
+    stats, others = [], []
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            stats += [np.asarray(layer.moving_mean), np.asarray(layer.moving_variance)]
+            others += [np.asarray(layer.gamma), np.asarray(layer.beta)]
+        else:
+            others += [np.asarray(w) for w in layer.get_weights()]
+    return stats, others
+
+
+@pytest.mark.slow
+def test_adaptation_moves_only_batchnorm_statistics_and_records_provenance(
+    site: Path, tiny_model_path: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "adapted.keras"
+    report = adapt_model(studies_dir=site, out_path=out, base_model=tiny_model_path)
+    assert report.n_studies == 6 and report.n_slices == 6 * TINY.n_slices
+    assert [s.name for s in report.skipped] == ["no-images"] and report.skipped[0].code
+    base = read_model_info(tiny_model_path)
+    info = read_model_info(out)
+    assert info.version.startswith(f"{base.version}-adapted-") and len(info.version.rsplit("-", 1)[1]) == 8
+    assert info.provenance["base_sha256"] == base.sha256 and info.provenance["method"] == "adabn"
+    assert info.provenance["n_studies"] == 6 and info.provenance["n_slices"] == 36
+    assert "AdaBN" in info.training_data
+    base_stats, base_other = _bn_and_other_weights(tiny_model_path)
+    new_stats, new_other = _bn_and_other_weights(out)
+    assert all(np.array_equal(a, b) for a, b in zip(base_other, new_other, strict=True))
+    assert any(not np.allclose(a, b) for a, b in zip(base_stats, new_stats, strict=True))
+    # Same studies, same base: the same version (the hash names the data, not the run).
+    again = adapt_model(studies_dir=site, out_path=tmp_path / "again.keras", base_model=tiny_model_path)
+    assert again.adapted.version == info.version
+
+
+def test_too_few_usable_studies_are_refused_and_nothing_is_written(
+    site: Path, tiny_model_path: Path, tmp_path: Path
+) -> None:
+    few = tmp_path / "few"
+    few.mkdir()
+    for name in ("study-1", "study-2", "no-images"):
+        shutil.copytree(site / name, few / name)
+    out = tmp_path / "adapted.keras"
+    with pytest.raises(ConfigurationError, match=f"at least {MIN_STUDIES} usable studies.*has 2 of 3.*no-images"):
+        adapt_model(studies_dir=few, out_path=out, base_model=tiny_model_path)
+    assert not out.exists()
+
+
+def test_the_default_weights_and_the_base_are_never_overwritten(site: Path, tiny_model_path: Path) -> None:
+    with pytest.raises(ConfigurationError, match="would overwrite"):
+        adapt_model(studies_dir=site, out_path=default_model_path())
+    with pytest.raises(ConfigurationError, match="would overwrite"):
+        adapt_model(studies_dir=site, out_path=tiny_model_path, base_model=tiny_model_path)
+    with pytest.raises(ConfigurationError, match="is not a folder"):
+        study_folders(site / "missing")
+
+
+def test_the_command_refuses_too_few_studies_in_one_line(
+    site: Path, tiny_model_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from worker import cli
+
+    few = tmp_path / "few"
+    few.mkdir()
+    shutil.copytree(site / "study-1", few / "study-1")
+    out = tmp_path / "adapted.keras"
+    code = cli.main(["adapt", str(few), "--out", str(out), "--model", str(tiny_model_path)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "at least 5 usable studies" in err
+    assert "Traceback" not in err and not out.exists()
+
+
+@pytest.mark.slow
+def test_the_command_writes_weights_that_segment_loads(
+    site: Path, tiny_model_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from worker import cli
+
+    out = tmp_path / "adapted.keras"
+    assert cli.main(["adapt", str(site), "--out", str(out), "--model", str(tiny_model_path)]) == 0
+    printed = capsys.readouterr().out
+    assert "skipped no-images" in printed and "adapted tiny-test-1 to 6 studies" in printed
+    result = tmp_path / "seg"
+    assert cli.main(["segment", str(site / "study-2"), "--out", str(result), "--model", str(out)]) == 0
+    assert json.loads((result / "result.json").read_text())["model"]["version"] == read_model_info(out).version

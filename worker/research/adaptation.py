@@ -1,0 +1,208 @@
+"""Site adaptation (AdaBN): BatchNorm statistics recomputed on a site's own unlabelled studies.
+
+Research use only, not for clinical use.
+
+``ichvol adapt STUDIES --out WEIGHTS.keras [--model BASE]``. A model trained on synthetic
+data normalises its features with statistics of synthetic slices; a site's scanner,
+kernel and patients shift them. AdaBN (Li et al., 2016) recomputes every BatchNormalization
+layer's moving mean and variance over the site's own slices and leaves every other weight
+unchanged: no labels, no gradient, minutes on a CPU.
+
+* ``STUDIES``: one study per subfolder (any nesting and file names inside, as ``ichvol
+  run`` reads an export folder). Each study's series is selected exactly as ``ichvol
+  segment`` selects it (:func:`worker.imaging.dicom_load.load_study`), its slices prepared exactly as
+  inference prepares them (:func:`worker.preprocess.to_model_input`: the model's window,
+  square padding, its input size). Studies that fail selection are listed with their
+  reason and code and skipped.
+* Fewer than :data:`MIN_STUDIES` usable studies: refused (:class:`ConfigurationError`, exit
+  2), nothing written: five studies are the least that average out one patient's anatomy.
+* The statistics are the average of per-batch statistics over every slice, in batches of
+  16 shuffled across studies (the recipe training uses before each validation, "precise
+  BatchNorm", :func:`worker.training.recalibrate_batchnorm`).
+* The new weights file records its provenance (base version and sha256, method, numbers of
+  studies and slices, date) and gets the version ``<base>-adapted-<8 hex>``, the hex a hash
+  of the base and the studies' series UIDs. The default weights are never overwritten;
+  workers use the result through ``ICHVOL_MODEL_PATH``, and every result row records the
+  model version, so a rollback is unsetting that variable.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+
+from worker.core.errors import ConfigurationError, StudyError
+from worker.imaging.series_selection import SelectionRules
+from worker.model import preprocess
+from worker.model.weights import ModelInfo, default_model_path, read_model_info, resolve_model_path
+
+__all__ = ["MIN_STUDIES", "AdaptationReport", "SkippedStudy", "adapt_model", "collect_site_slices", "study_folders"]
+
+log = logging.getLogger(__name__)
+
+F32 = npt.NDArray[np.float32]
+
+MIN_STUDIES = 5
+BATCH_SIZE = 16
+
+
+@dataclass(frozen=True)
+class SkippedStudy:
+    name: str
+    code: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class SiteSlices:
+    """Model-ready slices ``(n, S, S)`` in [-1, 1] of the usable studies, and what was skipped."""
+
+    images: F32
+    used: tuple[str, ...]
+    series_uids: tuple[str, ...]
+    skipped: tuple[SkippedStudy, ...]
+
+
+@dataclass(frozen=True)
+class AdaptationReport:
+    out_path: Path
+    base: ModelInfo
+    adapted: ModelInfo
+    n_studies: int
+    n_slices: int
+    skipped: tuple[SkippedStudy, ...]
+    seconds: float
+
+
+def study_folders(root: Path) -> list[Path]:
+    """The studies under ``root``: its immediate subfolders, sorted by name (hidden ones ignored)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise ConfigurationError(f"{root} is not a folder")
+    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def collect_site_slices(
+    studies: list[Path], *, info: ModelInfo, rules: SelectionRules, progress: bool = False
+) -> SiteSlices:
+    """Every usable study's selected series as model input (module docstring)."""
+    images: list[F32] = []
+    used: list[str] = []
+    uids: list[str] = []
+    skipped: list[SkippedStudy] = []
+    from worker.imaging.dicom_load import load_study
+
+    iterable: Iterable[Path] = studies
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(studies, desc="reading studies", unit="study", dynamic_ncols=True)
+        iterable = bar
+    for study in iterable:
+        try:
+            series = load_study(study, rules=rules)
+        except StudyError as error:
+            skipped.append(SkippedStudy(study.name, error.code.value, error.message))
+            continue
+        x, _fit = preprocess.to_model_input(series.hu, size=info.input_size, window=info.hu_window)
+        images.append(x.astype(np.float32))
+        used.append(study.name)
+        uids.append(series.series_instance_uid)
+    if bar is not None:
+        bar.close()
+    size = info.input_size
+    stacked = np.concatenate(images) if images else np.zeros((0, size, size), np.float32)
+    return SiteSlices(stacked, tuple(used), tuple(uids), tuple(skipped))
+
+
+def _version(base: ModelInfo, series_uids: tuple[str, ...]) -> str:
+    digest = hashlib.sha256((base.sha256 + "\n" + "\n".join(sorted(series_uids))).encode()).hexdigest()[:8]
+    return f"{base.version}-adapted-{digest}"
+
+
+def adapt_model(
+    *,
+    studies_dir: Path,
+    out_path: Path,
+    base_model: Path | None = None,
+    rules: SelectionRules | None = None,
+    min_studies: int = MIN_STUDIES,
+    seed: int = 0,
+    progress: bool = False,
+) -> AdaptationReport:
+    """AdaBN on the studies in ``studies_dir``; writes the adapted weights to ``out_path``.
+
+    Raises :class:`ConfigurationError` (nothing written) when ``out_path`` would overwrite
+    the shipped default or the base weights, or fewer than ``min_studies`` studies are usable.
+    """
+    import time
+
+    started = time.perf_counter()
+    out_path = Path(out_path)
+    base_path, _ = resolve_model_path(base_model)
+    for protected in (default_model_path(), base_path):
+        if out_path.exists() and out_path.resolve() == Path(protected).resolve():
+            raise ConfigurationError(f"--out {out_path} would overwrite {protected.name}: write a new file")
+    if out_path.suffix != ".keras":
+        raise ConfigurationError(f"--out must be a .keras file, got {out_path.name}")
+    base = read_model_info(base_path)
+    studies = study_folders(studies_dir)
+    site = collect_site_slices(studies, info=base, rules=rules or SelectionRules(), progress=progress)
+    if len(site.used) < min_studies:
+        skipped = "; ".join(f"{s.name}: {s.reason} [{s.code}]" for s in site.skipped) or "none"
+        raise ConfigurationError(
+            f"adaptation needs at least {min_studies} usable studies, {studies_dir} has {len(site.used)} "
+            f"of {len(studies)} (skipped: {skipped}); nothing was written"
+        )
+    from worker.model.networks import load_keras_model, save_model
+    from worker.research.training import recalibrate_batchnorm
+
+    model = load_keras_model(base_path)
+    order = np.random.default_rng(seed).permutation(len(site.images))
+    batches = [
+        site.images[order[i : i + BATCH_SIZE], ..., None]
+        for i in range(0, len(order), BATCH_SIZE)
+        if len(order[i : i + BATCH_SIZE]) >= 2  # a batch of one has no variance
+    ]
+    recalibrate_batchnorm(model, batches)
+    now = datetime.now(UTC).isoformat(timespec="seconds")
+    adapted = replace(
+        base,
+        version=_version(base, site.series_uids),
+        created=now,
+        sha256="",
+        training_data=(
+            f"{base.training_data}; then BatchNorm statistics adapted (AdaBN) to {len(site.used)} unlabelled "
+            f"site studies ({len(site.images)} slices), every other weight unchanged"
+        ),
+        provenance={
+            "method": "adabn",
+            "base_version": base.version,
+            "base_sha256": base.sha256,
+            "n_studies": len(site.used),
+            "n_slices": len(site.images),
+            "n_skipped": len(site.skipped),
+            "date": now,
+        },
+    )
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    save_model(model, out_path, adapted)
+    written = read_model_info(out_path)
+    log.info("adapted %s to %d studies: %s", base.version, len(site.used), written.version)
+    return AdaptationReport(
+        out_path=out_path,
+        base=base,
+        adapted=written,
+        n_studies=len(site.used),
+        n_slices=len(site.images),
+        skipped=site.skipped,
+        seconds=time.perf_counter() - started,
+    )
