@@ -34,12 +34,11 @@ log = logging.getLogger(__name__)
 ENGINES = ("keras", "folded", "folded-bf16", "onnx", "auto")
 """``keras``: the float32 Keras reference (one compiled TensorFlow function, BatchNorm apart);
 ``folded``: the folded graph in TensorFlow, float32 (same numbers to about 1e-6);
-``folded-bf16``: the folded graph in TensorFlow with bfloat16 weights and activations
-(fast only on CPUs with AMX or AVX512-BF16, or on a GPU);
+``folded-bf16``: the folded graph in TensorFlow with bfloat16 at the coarse levels only
+(1/8 resolution and below, :func:`worker.model.tf_engine.bfloat16_ops`), float32 elsewhere;
+fast only on CPUs with AMX or AVX512-BF16, or on a GPU;
 ``onnx``: the folded graph in ONNX Runtime, float32 (least memory);
-``auto``: decided by :func:`resolve_engine` from the machine (measured in docs/performance.md):
-``folded-bf16`` where the CPU has AMX-BF16 or AVX512-BF16, ``onnx`` on AMD CPUs (ONNX Runtime
-1.3 to 2.5x faster than TensorFlow there, and installed), else ``folded``; ``folded`` when a GPU runs the model."""
+``auto`` (the default): the engine :func:`resolve_engine` picks for this machine."""
 
 
 def onnx_runtime_installed() -> bool:
@@ -54,11 +53,20 @@ def resolve_engine(
 ) -> str:
     """The concrete engine for ``engine``; unknown names raise ValueError.
 
-    ``auto``, from measurements on two CPUs (docs/performance.md): with a GPU running the
-    model, ``folded``; on a CPU with bfloat16 units (AMX, AVX512-BF16), ``folded-bf16`` (2.7x
-    ``model.predict`` on an Intel Xeon with AMX, where ONNX Runtime was slower); on an AMD CPU,
-    ``onnx`` where ONNX Runtime is installed (1.3x ``folded`` at dims 32, 2.5x on the shipped
-    dims-8 model, on an AMD EPYC, where oneDNN's float32 gains little); else ``folded``.
+    ``auto`` is decided here and only here, from measurements (docs/performance.md):
+
+    * a GPU runs the model: ``folded``;
+    * the CPU has bfloat16 units (AMX-BF16 or AVX512-BF16): ``folded-bf16``. On an AMD EPYC
+      Zen 4 (AVX512-BF16) it took 0.86x the CPU time of ``folded`` on the paper-size model
+      and ``onnx`` 1.34x; on an Intel Xeon with AMX the earlier all-bfloat16 engine ran 2.7x
+      ``model.predict`` where ONNX Runtime was slower;
+    * an AMD CPU without them, where ONNX Runtime is installed: ``onnx`` (1.3x ``folded`` at
+      dims 32 and 2.5x on the shipped dims-8 model on an AMD EPYC without AVX-512, where
+      TensorFlow's oneDNN float32 gains little);
+    * any other or unknown CPU: ``folded`` (float32, never slower than ``keras``).
+
+    Every engine it can return passes the accuracy bar (``tests/worker/model/test_engines.py``).
+    ``cpuinfo`` (default: /proc/cpuinfo), ``gpu`` and ``onnx_available`` are for tests.
     """
     name = engine.strip().lower()
     if name not in ENGINES:

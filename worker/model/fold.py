@@ -124,31 +124,34 @@ class FoldedGraph:
     ops: tuple[Op, ...]
     source_layers: dict[str, int] = field(default_factory=dict)  # Keras layer kinds read, for reports
 
+    def sides(self) -> dict[str, int]:
+        """``{tensor name: side in pixels}`` for one ``input_size`` slice (every tensor is square)."""
+        sides = {self.input_name: self.input_size}
+        for op in self.ops:
+            if isinstance(op, Conv):
+                side_in = sides[op.input]
+                sides[op.output] = side_in * op.stride if op.transpose else side_in // op.stride
+            elif isinstance(op, MaxPool):
+                sides[op.output] = sides[op.input] // op.size
+            elif isinstance(op, Concat | Add | Multiply):
+                sides[op.output] = sides[op.inputs[0]]
+            else:
+                sides[op.output] = sides[op.input]
+        return sides
+
     def flops_per_slice(self) -> float:
         """Multiply-adds of the convolutions times two, for one ``input_size`` slice (FLOP).
 
         Elementwise work (activations, additions, pooling) is left out, as is usual when
         quoting a network's cost; it is small in FLOP though not in memory traffic.
         """
-        sizes = {self.input_name: self.input_size}
+        sides = self.sides()
         total = 0.0
         for op in self.ops:
             if isinstance(op, Conv):
-                side_in = sizes[op.input]
                 kh, kw, c_in, c_out = op.kernel.shape
-                if op.transpose:
-                    side_out = side_in * op.stride
-                    total += 2.0 * side_in * side_in * kh * kw * c_in * c_out
-                else:
-                    side_out = side_in // op.stride
-                    total += 2.0 * side_out * side_out * kh * kw * c_in * c_out
-                sizes[op.output] = side_out
-            elif isinstance(op, MaxPool):
-                sizes[op.output] = sizes[op.input] // op.size
-            elif isinstance(op, Concat | Add | Multiply):
-                sizes[op.output] = sizes[op.inputs[0]]
-            else:
-                sizes[op.output] = sizes[op.input]
+                side = sides[op.input] if op.transpose else sides[op.output]  # where the kernel is applied
+                total += 2.0 * side * side * kh * kw * c_in * c_out
         return total
 
 
