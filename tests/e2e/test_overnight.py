@@ -23,6 +23,7 @@ from tests.helpers.worker_process import CeleryWorker, run_scheduler_once
 from worker.core.settings import Settings
 from worker.infra import db
 from worker.infra.tables import Result, Run, RunState, Study
+from worker.model.engines import resolve_engine
 from worker.synth.phantom import LesionSpec, PhantomSpec, generate_study
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration, pytest.mark.slow]
@@ -132,6 +133,7 @@ def test_bucket_to_database_with_a_real_worker(
         assert info is not None
         assert info["name"] == "HU band (test)" and info["version"] == "hu-band-keras-1"
         assert len(info["sha256"]) == 64 and info["loaded"] is True and info["device"] == "CPU"
+        assert info["engine_setting"] == "auto" and info["engine"] == resolve_engine("auto")  # what really runs
         assert info["studies_processed"] == 4 and info["studies_failed"] == 2
 
         again = run_scheduler_once(settings)

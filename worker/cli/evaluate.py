@@ -39,18 +39,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
     from worker.measure.pipeline import SegmentationOptions
-    from worker.model import framework
-    from worker.model.engines import LazySegmenter
+    from worker.model.engines import LazySegmenter, configured_segmenter
     from worker.research import metrics
     from worker.research.evaluation import DEFAULT_METHODS, evaluate
 
-    framework.set_threads(settings.inference_threads)
     if args.methods is None:
         methods = [m for m in DEFAULT_METHODS if m != "unet" or args.unet_model is not None]
     else:
         methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    drunet = LazySegmenter(settings.model_path, batch_size=settings.inference_batch_size)
-    unet = LazySegmenter(args.unet_model, batch_size=settings.inference_batch_size) if args.unet_model else None
+    # The engine `segment` and the workers run (ICHVOL_INFERENCE_ENGINE), so that evaluated
+    # numbers are the numbers users get; the report names the concrete engine.
+    drunet = configured_segmenter(settings, lazy=True)
+    unet = (
+        LazySegmenter(
+            args.unet_model,
+            batch_size=settings.inference_batch_size,
+            engine=settings.inference_engine,
+            threads=settings.inference_threads,
+        )
+        if args.unet_model
+        else None
+    )
     result = evaluate(
         studies_dir=args.studies_dir,
         out_dir=args.out,

@@ -94,13 +94,12 @@ def _write_status() -> None:
 
 def init_pool_process(settings: Settings) -> None:
     """Runs in each pool process after the fork: build dependencies and load the model."""
-    from worker.core.logs import configure_logging
-    from worker.imaging.dicom_files import redact_warnings
+    from worker.core.logs import configure_logging, route_warnings
 
     configure_logging(level=settings.log_level, fmt=settings.log_format)
-    redact_warnings()  # warnings quote header values (patient names): log them without
+    route_warnings()  # one log line each, without the quoted values (patient names)
     _status.clear()
-    _status.update(loaded=False, device=None, load_error=None, succeeded=0, failed=0)
+    _status.update(loaded=False, device=None, engine=None, load_error=None, succeeded=0, failed=0)
     try:
         deps = get_deps(settings)
     except IchvolError as exc:
@@ -108,10 +107,11 @@ def init_pool_process(settings: Settings) -> None:
         _status["load_error"] = exc.message
         return
     try:
-        deps.segmenter  # noqa: B018 - load now, not on the first study
+        segmenter = deps.segmenter  # load now, not on the first study
         from worker.model import framework
 
-        _status.update(loaded=True, device=framework.device_description())
+        engine = str(getattr(segmenter, "engine", "keras"))  # the concrete one: `auto` resolved
+        _status.update(loaded=True, device=framework.device_description(), engine=engine)
     except ModelFileError as exc:
         log.error("model could not be loaded: %s", exc.message)
         _status["load_error"] = exc.message

@@ -394,12 +394,14 @@ def _report_data(
     details = {
         "studies": f"{len(cases)} evaluated from {Path(studies_dir).name}/, {len(failures)} not evaluated",
         "DR-UNet weights": f"{drunet.info.name} {drunet.info.version} (sha256 {drunet.info.sha256[:12]}...)",
+        "DR-UNet engine": str(getattr(drunet, "engine", "keras")),
         "model loading and warm-up (s)": ", ".join(f"{METHOD_NAMES[k]} {v:.1f}" for k, v in warm.items()),
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "ichvol": worker.__version__,
     }
     if unet is not None and "unet" in present:
         details["UNet weights"] = f"{unet.info.name} {unet.info.version} (sha256 {unet.info.sha256[:12]}...)"
+        details["UNet engine"] = str(getattr(unet, "engine", "keras"))
     return report.ReportData(
         methods=mask_methods,
         names=METHOD_NAMES,

@@ -2,7 +2,7 @@
 
 Answered by the worker's parent process, which never loads TensorFlow: the model's
 name, version and checksum come from the weights file's metadata; whether it is
-loaded, on which device and how many studies were processed come from the status
+loaded, with which engine, on which device and how many studies were processed come from the status
 files the pool processes keep (see :mod:`worker.overnight.runtime`).
 """
 
@@ -15,7 +15,11 @@ from celery.worker.control import inspect_command
 
 @inspect_command()  # type: ignore[untyped-decorator]
 def model_info(state: Any, **_: Any) -> dict[str, Any]:
-    """Model name, version, weights sha256, device, loaded, studies processed."""
+    """Model name, version, weights sha256, engine, device, loaded, studies processed.
+
+    ``engine`` is what the pool processes run (``auto`` resolved: ``folded-bf16``, ``onnx``,
+    ...); ``engine_setting`` is ``ICHVOL_INFERENCE_ENGINE`` as configured.
+    """
     from worker.model.weights import model_reference
     from worker.overnight import runtime
 
@@ -34,9 +38,12 @@ def model_info(state: Any, **_: Any) -> dict[str, Any]:
         model = {"error": str(exc)}
     children = runtime.children_status(settings)
     devices = sorted({c["device"] for c in children if c.get("device")})
+    engines = sorted({c["engine"] for c in children if c.get("engine")})
     errors = sorted({c["load_error"] for c in children if c.get("load_error")})
     return {
         **model,
+        "engine": ", ".join(engines) if engines else None,
+        "engine_setting": settings.inference_engine,
         "device": ", ".join(devices) if devices else None,
         "loaded": bool(children) and all(c.get("loaded") for c in children),
         "processes": len(children),

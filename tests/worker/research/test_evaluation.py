@@ -14,6 +14,7 @@ import pytest
 from tests.helpers.labelled_data import write_phantom_studies
 from tests.helpers.segmenters import HuBandSegmenter
 from worker import cli
+from worker.model.engines import resolve_engine
 from worker.research import metrics
 from worker.research.evaluation import evaluate
 from worker.research.report import FIGURES
@@ -184,5 +185,8 @@ def test_ichvol_evaluate_runs_the_saved_models(studies: Path, tmp_path: Path, ti
     assert code == 0
     for name in REPORT_FILES:
         assert (out / name).is_file(), name
+    # the engine `segment` and the workers run (the default `auto`, resolved), named in the report
+    details = json.loads((out / "summary.json").read_text())["details"]
+    assert details["DR-UNet engine"] == details["UNet engine"] == resolve_engine("auto")
     assert {r["method"] for r in _rows(out / "cases.csv")} >= {"drunet", "unet", "abc2", "fcm", "active_contour"}
     assert cli.main(["evaluate", str(two), "--out", str(out), "--model", str(band)]) == 2  # folder not empty
