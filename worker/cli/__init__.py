@@ -80,11 +80,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         settings = _settings(args)
-        from worker.core.logs import configure_logging
+        from worker.core.logs import configure_logging, route_warnings
 
         # Interactive commands print their own one-line summary; services log at the configured level.
         default_level = settings.log_level if args.command in SERVICE_COMMANDS else "WARNING"
         configure_logging(level=args.log_level or default_level, fmt=settings.log_format)
+        route_warnings()  # a library's warnings become INFO log lines, not stderr after the summary
         handler: Handler = args.handler
         return handler(args, settings)
     except IchvolError as error:

@@ -39,6 +39,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from worker.core.errors import ErrorCode, SoftTimeLimitReached, StudyError, TransientError
+from worker.core.logs import redact_quoted
 
 logger = logging.getLogger(__name__)
 
@@ -94,17 +95,6 @@ class StudyFiles:
     warnings: tuple[str, ...]
 
 
-#: A quoted value in a message: from the first quote to the last quote of the same kind
-#: (pydicom quotes with repr(), so a name with an apostrophe is double-quoted).
-_QUOTED = re.compile(r"(['\"]).*\1", re.S)
-
-
-def redact_quoted(text: str) -> str:
-    """``text`` with every quoted value replaced by ``'…'``: pydicom quotes offending values
-    (a patient name, a birth date) in its validation warnings and log records."""
-    return _QUOTED.sub("'…'", text)
-
-
 class RedactQuotedValues(logging.Filter):
     """A logging filter that removes quoted values from records (see :func:`redact_quoted`)."""
 
@@ -120,17 +110,6 @@ def _add_filter(name: str) -> None:
     target = logging.getLogger(name)
     if not any(isinstance(f, RedactQuotedValues) for f in target.filters):
         target.addFilter(RedactQuotedValues())
-
-
-def redact_warnings() -> None:
-    """Route warnings through logging (``py.warnings``) with quoted values removed.
-
-    For worker processes: a warning raised outside :func:`quiet_pydicom` (highdicom copying
-    a patient name, a decoder plugin) would otherwise reach stderr, and the worker's log,
-    with the value in it. Process-wide and thread-safe, unlike ``warnings.catch_warnings``.
-    """
-    logging.captureWarnings(True)
-    _add_filter("py.warnings")
 
 
 # pydicom logs each validation warning as well as raising it.
@@ -167,6 +146,55 @@ def quiet_pydicom() -> Iterator[None]:
             for w in caught:
                 # pydicom quotes offending values, which can be patient names or birth dates.
                 logger.debug("pydicom: %s", redact_quoted(str(w.message))[:200])
+
+
+#: A valid DICOM UID (PS3.5 section 9.1): numeric components without leading zeros, at most 64 characters.
+_VALID_UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
+
+#: The instance UIDs the outputs (SEG, SR, overlay) repeat from the source images.
+SOURCE_UID_KEYWORDS = ("StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID", "SOPInstanceUID")
+
+
+def is_valid_uid(text: str) -> bool:
+    """Whether ``text`` is a valid DICOM UID (digits and dots, no leading zeros, at most 64 characters)."""
+    return len(text) <= 64 and _VALID_UID.match(text) is not None
+
+
+def invalid_uids(ds: Dataset) -> dict[str, str]:
+    """``{keyword: value}`` of the :data:`SOURCE_UID_KEYWORDS` present in ``ds`` but not valid UIDs.
+
+    Call inside :func:`quiet_pydicom` (pydicom warns as it converts such a value).
+    """
+    found = {}
+    for keyword in SOURCE_UID_KEYWORDS:
+        value = _raw(ds, keyword)
+        if value is not None and not is_valid_uid(text := str(value).strip().rstrip("\x00")):
+            found[keyword] = text
+    return found
+
+
+def invalid_uid_warning(found: dict[str, list[str]], *, n_images: int) -> str | None:
+    """The ``result.json`` warning for the invalid source UIDs of a series; None if there are none.
+
+    ``found`` maps each keyword to its invalid values, one per image that carries one.
+    """
+    if not found:
+        return None
+    parts = []
+    for keyword in SOURCE_UID_KEYWORDS:
+        values = found.get(keyword, [])
+        distinct = sorted(set(values))
+        if not distinct:
+            continue
+        if keyword == "SOPInstanceUID":
+            parts.append(f"SOPInstanceUID of {len(values)} of {n_images} images (e.g. {distinct[0]})")
+        else:
+            parts.append(f"{keyword} {', '.join(distinct[:3])}")
+    return (
+        "the source images carry UIDs that are not valid DICOM UIDs (digits and dots, no leading zeros, "
+        f"at most 64 characters): {'; '.join(parts)}. The SEG, SR and overlay repeat them unchanged, "
+        "and a PACS that checks UIDs may refuse them"
+    )
 
 
 def list_study_files(study_dir: Path, *, max_files: int) -> tuple[list[Path], list[str]]:

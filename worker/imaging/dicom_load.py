@@ -20,7 +20,14 @@ from pydicom.dataset import Dataset
 from worker.core.ct import CtSeries, SliceRef, StudyInfo
 from worker.core.errors import ErrorCode, StudyError
 from worker.imaging import geometry
-from worker.imaging.dicom_files import must_propagate, quiet_pydicom, read_dataset, scan_study
+from worker.imaging.dicom_files import (
+    invalid_uid_warning,
+    invalid_uids,
+    must_propagate,
+    quiet_pydicom,
+    read_dataset,
+    scan_study,
+)
 from worker.imaging.hu import to_hu
 from worker.imaging.series_selection import SelectionRules, UsableSeries, select_series
 
@@ -48,6 +55,7 @@ def load_study(study_dir: Path, *, rules: SelectionRules) -> CtSeries:
     hu = np.empty((n, chosen.rows, chosen.columns), dtype=np.float32)
     study: StudyInfo | None = None
     headers: list[Dataset] = []
+    bad_uids: dict[str, list[str]] = {}
     for i, header in enumerate(chosen.headers):
         label = _relative(header.path, files.root)
         ds = read_dataset(header.path, forced=header.forced)
@@ -62,6 +70,8 @@ def load_study(study_dir: Path, *, rules: SelectionRules) -> CtSeries:
             if study is None:
                 study = study_info(ds)
             slice_hu = to_hu(ds, label=label)
+            for keyword, value in invalid_uids(ds).items():
+                bad_uids.setdefault(keyword, []).append(value)
         if slice_hu.shape != (chosen.rows, chosen.columns):
             raise StudyError(
                 ErrorCode.INCONSISTENT_GEOMETRY,
@@ -74,6 +84,9 @@ def load_study(study_dir: Path, *, rules: SelectionRules) -> CtSeries:
         headers.append(ds)
     assert study is not None  # selection guarantees at least one slice
 
+    uid_warning = invalid_uid_warning(bad_uids, n_images=n)
+    if uid_warning is not None:
+        warnings.append(uid_warning)
     slabs = _slab_thicknesses(chosen, warnings)
     uneven = geometry.uneven_spacing_warning(np.asarray(chosen.positions_mm))
     if uneven is not None:

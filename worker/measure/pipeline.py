@@ -16,6 +16,7 @@ status ``"failed"`` with the code and message, and ``result.json`` says the same
 
 from __future__ import annotations
 
+import contextvars
 import json
 import logging
 import os
@@ -33,6 +34,7 @@ import numpy as np
 from worker import __version__
 from worker.core.ct import CtSeries, SeriesSelection
 from worker.core.errors import ErrorCode, StudyError
+from worker.core.logs import DICOM_LIBRARIES, CaughtWarnings, collect_warnings, redact_quoted
 from worker.core.notices import DISCLAIMER
 from worker.core.settings import Settings
 from worker.imaging import geometry
@@ -141,22 +143,53 @@ def segment_study(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     timer = _Timer()
-    try:
-        with timer.stage("read"):
-            if series is None:
-                if not Path(study_dir).is_dir():
-                    raise StudyError(ErrorCode.EMPTY_STUDY, f"study folder {study_dir} does not exist")
-                series = load_study(Path(study_dir), rules=options.rules)
-        return _measure(series=series, out_dir=out_dir, segmenter=segmenter, options=options, timer=timer)
-    except StudyError as error:
-        log.info("study not measurable: %s", error.code.value)
-        result = failed_result(error, series=series, timings=timer.seconds)
-        path = write_result_json(out_dir, result)
-        return StudyOutcome("failed", result, out_dir, {"result": path}, series=series, error=error)
+    with collect_warnings() as caught:  # third-party warnings: logged once each, facts into result.json
+        try:
+            with timer.stage("read"):
+                if series is None:
+                    if not Path(study_dir).is_dir():
+                        raise StudyError(ErrorCode.EMPTY_STUDY, f"study folder {study_dir} does not exist")
+                    series = load_study(Path(study_dir), rules=options.rules)
+            return _measure(
+                series=series, out_dir=out_dir, segmenter=segmenter, options=options, timer=timer, caught=caught
+            )
+        except StudyError as error:
+            log.info("study not measurable: %s", error.code.value)
+            result = failed_result(error, series=series, timings=timer.seconds)
+            path = write_result_json(out_dir, result)
+            return StudyOutcome("failed", result, out_dir, {"result": path}, series=series, error=error)
+
+
+#: pydicom's value-validation warning; for UIDs the series' own check says more (worker.imaging.dicom_files).
+_UID_VALIDATION = "Invalid value for VR UI"
+_MAX_LIBRARY_WARNINGS = 5
+
+
+def library_warnings(caught: CaughtWarnings) -> list[str]:
+    """The DICOM libraries' warnings met while measuring, as ``result.json`` lines (quoted values removed).
+
+    One line per distinct warning, at most five; pydicom's invalid-UID warnings are left out,
+    since the series' own check (:func:`worker.imaging.dicom_files.invalid_uid_warning`) names
+    the UIDs.
+    """
+    lines = []
+    for library, _category, message in caught.items:
+        if library in DICOM_LIBRARIES and not message.startswith(_UID_VALIDATION):
+            lines.append(f"{library}: {redact_quoted(message.strip().splitlines()[0])[:200]}")
+    if len(lines) > _MAX_LIBRARY_WARNINGS:
+        more = len(lines) - _MAX_LIBRARY_WARNINGS
+        lines = [*lines[:_MAX_LIBRARY_WARNINGS], f"and {more} more warnings from the DICOM libraries (in the log)"]
+    return lines
 
 
 def _measure(
-    *, series: CtSeries, out_dir: Path, segmenter: Segmenter, options: SegmentationOptions, timer: _Timer
+    *,
+    series: CtSeries,
+    out_dir: Path,
+    segmenter: Segmenter,
+    options: SegmentationOptions,
+    timer: _Timer,
+    caught: CaughtWarnings,
 ) -> StudyOutcome:
     info = segmenter.info
     load = getattr(segmenter, "load", None)
@@ -205,6 +238,7 @@ def _measure(
         areas_mm2=areas_mm2,
         timings=timer.seconds,
     )
+    result["warnings"] += library_warnings(caught)
     artefacts["result"] = write_result_json(out_dir, result)
     log.info("measured study: %d slices, %.2f mL", series.n_slices, volume_ml)
     return StudyOutcome("ok", result, out_dir, artefacts, series=series)
@@ -246,7 +280,8 @@ def write_artefacts(
         ),
     ]
     with ThreadPoolExecutor(max_workers=len(writers), thread_name_prefix="ichvol-write") as pool:
-        for future in [pool.submit(write) for write in writers]:
+        # each in a copy of this context: log identifiers and the study's warnings follow them
+        for future in [pool.submit(contextvars.copy_context().run, write) for write in writers]:
             future.result()
     return paths
 
@@ -280,6 +315,7 @@ def _selection_json(selection: SeriesSelection | None) -> dict[str, Any]:
 
 
 def _model_json(segmenter: Segmenter) -> dict[str, Any]:
+    """The weights' identity and the engine that ran them (the concrete one: ``auto`` resolved)."""
     info = segmenter.info
     return {
         "name": info.name,
@@ -289,6 +325,7 @@ def _model_json(segmenter: Segmenter) -> dict[str, Any]:
         "dims": info.dims,
         "input_size": info.input_size,
         "hu_window": list(info.hu_window),
+        "engine": str(getattr(segmenter, "engine", "keras")),
     }
 
 

@@ -12,6 +12,7 @@ import pytest
 from tests.helpers.bad_studies import BAD_STUDIES
 from tests.helpers.dicom_builders import write_ct_series
 from worker.cli import main
+from worker.model.engines import resolve_engine
 
 
 @pytest.mark.parametrize("name", sorted(BAD_STUDIES))
@@ -63,6 +64,7 @@ def test_good_study_writes_every_output(tmp_path: Path, tiny_model_path: Path) -
     assert result["series_instance_uid"] == written.series_instance_uid
     assert [s["sop_instance_uid"] for s in result["slices"]] == list(written.sop_instance_uids)
     assert result["model"]["version"] == "tiny-test-1" and len(result["model"]["sha256"]) == 64
+    assert result["model"]["engine"] == resolve_engine("auto")  # the default, resolved for this machine
     assert {"read", "preprocess", "inference", "postprocess", "write"} <= set(result["timings_s"])
     assert result["n_slices"] == 6 and result["pixel_spacing_mm"] == [0.5, 0.5]
     assert result["slab_thickness_mm"] == [5.0] * 6
@@ -90,3 +92,41 @@ def test_real_process_prints_no_traceback(tmp_path: Path, tiny_model_path: Path)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip() == ("ichvol: none of the 1 files in the study folder is a DICOM image [no_dicom]")
+
+
+@pytest.mark.slow
+def test_invalid_uids_leave_stderr_clean_and_are_named_in_result_json(tmp_path: Path, tiny_model_path: Path) -> None:
+    """UIDs pydicom finds invalid (letters; a leading zero, as in some vendors' exports): pydicom warns
+    while the outputs are written. A successful run prints only its summary line; each distinct
+    warning is one log line (INFO, once per study); result.json names the UIDs."""
+    with pytest.warns(UserWarning, match="Invalid value for VR UI"):  # pydicom, as the test files are written
+        write_ct_series(
+            tmp_path / "study",
+            n_slices=6,
+            rows=40,
+            columns=48,
+            study_instance_uid="1.2.840.ABC.7",
+            series_instance_uid="1.3.12.2.1107.5.1.4.05.1",
+        )
+    ichvol = [sys.executable, "-m", "worker.cli"]
+    segment = ["segment", str(tmp_path / "study"), "--model", str(tiny_model_path)]
+    proc = subprocess.run(
+        [*ichvol, *segment, "--out", str(tmp_path / "o")], capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""
+    assert proc.stdout.count("\n") == 1 and proc.stdout.startswith("hematoma volume"), proc.stdout
+    result = json.loads((tmp_path / "o" / "result.json").read_text())
+    [named] = [w for w in result["warnings"] if "not valid DICOM UIDs" in w]
+    assert "StudyInstanceUID 1.2.840.ABC.7" in named and "SeriesInstanceUID 1.3.12.2.1107.5.1.4.05.1" in named
+
+    logged = subprocess.run(
+        [*ichvol, "--log-level", "INFO", *segment, "--out", str(tmp_path / "o2")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert logged.returncode == 0, logged.stderr
+    lines = [line for line in logged.stderr.splitlines() if "worker.warnings" in line]
+    assert len(lines) == 1 and "pydicom UserWarning: Invalid value for VR UI" in lines[0], logged.stderr
+    assert "warn_and_log" not in logged.stderr and ".py:" not in logged.stderr  # no source line, no location

@@ -214,3 +214,24 @@ def test_must_propagate() -> None:
     assert dicom_files.must_propagate(KeyboardInterrupt())
     assert not dicom_files.must_propagate(ValueError("bad DS"))
     assert not dicom_files.must_propagate(MemoryError())
+
+
+def test_invalid_source_uids_are_named() -> None:
+    from pydicom.dataset import Dataset
+
+    from worker.imaging.dicom_files import invalid_uid_warning, invalid_uids, is_valid_uid, quiet_pydicom
+
+    assert is_valid_uid("1.2.840.10008.5.1.4.1.1.2") and is_valid_uid("0.1")
+    assert not is_valid_uid("1.2.840.ABC.7") and not is_valid_uid("1.3.12.05.1") and not is_valid_uid("1..2")
+    assert not is_valid_uid("1." + "2" * 64)
+    ds = Dataset()
+    with quiet_pydicom():
+        ds.StudyInstanceUID = "1.2.840.ABC.7"
+        ds.SeriesInstanceUID = "1.2.3"
+        ds.SOPInstanceUID = "1.2.3.04"
+        found = invalid_uids(ds)
+    assert found == {"StudyInstanceUID": "1.2.840.ABC.7", "SOPInstanceUID": "1.2.3.04"}
+    text = invalid_uid_warning({k: [v] for k, v in found.items()}, n_images=6)
+    assert text is not None
+    assert "StudyInstanceUID 1.2.840.ABC.7" in text and "SOPInstanceUID of 1 of 6 images (e.g. 1.2.3.04)" in text
+    assert invalid_uid_warning({}, n_images=6) is None

@@ -100,10 +100,10 @@ def test_worker_processes_log_warnings_without_values(tmp_path: Path) -> None:
     import sys
 
     code = (
-        "import logging, sys, warnings\n"
-        "logging.basicConfig(stream=sys.stdout, level=logging.WARNING)\n"
-        "from worker.imaging.dicom_files import redact_warnings\n"
-        "redact_warnings()\n"
+        "import sys, warnings\n"
+        "from worker.core.logs import configure_logging, route_warnings\n"
+        "configure_logging(level='INFO', stream=sys.stdout)\n"
+        "route_warnings()\n"
         "warnings.warn(\"Invalid value for VR PN: 'Zyxwvut^Qqqq'.\")\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
