@@ -76,6 +76,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="with --recipe physical: share of samples on the screenshot path (8-bit display window, JPEG)",
     )
     p.add_argument(
+        "--real-empty-fraction",
+        type=float,
+        default=0.35,
+        help="with --synthetic realistic: share of real-background samples left without inserted blood "
+        "(hard negatives: the real anatomy that is not blood)",
+    )
+    p.add_argument(
         "--lesion-shapes",
         type=Path,
         help="with --synthetic realistic: a NIfTI label map (e.g. BLAST-CT scan_0_segmentation.nii.gz) whose "
@@ -182,6 +189,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
             recipe=args.recipe,
             lesion_shapes=args.lesion_shapes,
             screenshot_fraction=args.screenshot_fraction,
+            empty_fraction_real=args.real_empty_fraction,
         )
     else:
         if args.phantoms < 2:

@@ -536,6 +536,7 @@ def training_sources(
     recipe: str = "v3",
     lesion_shapes: Path | None = None,
     screenshot_fraction: float = 0.3,
+    empty_fraction_real: float = 0.35,
 ) -> tuple[UInt8Slices, SliceArrays, str]:
     """Training bank, validation slices and a description for ``ichvol train --synthetic realistic``.
 
@@ -559,6 +560,7 @@ def training_sources(
         recipe=recipe,
         lesion_shapes=_shapes_digest(shapes),
         screenshot_fraction=screenshot_fraction,
+        empty_fraction_real=empty_fraction_real,
     )
     bank = load_or_generate_bank(
         config=config, backgrounds=backgrounds, cache_dir=cache_dir, workers=workers, shapes=shapes
