@@ -17,6 +17,7 @@ if [ "$(id -u)" = 0 ]; then
   need=()
   command -v docker-compose >/dev/null || need+=(docker-compose)
   command -v Orthanc >/dev/null || need+=(orthanc orthanc-dicomweb)
+  command -v dciodvfy >/dev/null || need+=(dicom3tools)  # validates the SR, SEG and overlay objects
   if [ ${#need[@]} -gt 0 ]; then
     # policy-rc.d keeps the packages from starting system services: the tests start their own
     printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d

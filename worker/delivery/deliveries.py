@@ -27,6 +27,11 @@ from the results store, unchanged), the TID 1500 SR built from the ``results`` r
 resend replaces rather than duplicates them. Sending the same instance twice is
 harmless: PACSs store an instance once per SOP Instance UID.
 
+A study measured again (another model version, an adapted model) gets a new SR that names
+the one it replaces (:func:`find_predecessor`: the SR of the latest earlier result of the
+same StudyInstanceUID that was sent) in its Predecessor Documents Sequence; the new
+delivery rows record ``predecessor_sr_uid`` and ``replaces_delivery_id``.
+
 Two deliveries of the same run may run at once (a redelivered message and a retry):
 both send the same instances, and the row records the last outcome.
 """
@@ -43,18 +48,19 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import and_, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from worker.core.errors import ConfigurationError, TransientError
 from worker.core.settings import Settings
 from worker.delivery.cstore import CStoreSender
-from worker.delivery.objects import build_objects
+from worker.delivery.objects import KIND_SR, build_objects
 from worker.delivery.senders import TARGET_CSTORE, TARGET_STOW, DeliveryError, DicomObject, Sender
 from worker.delivery.stow import StowSender
 from worker.infra import db
 from worker.infra.object_store import ObjectStore
-from worker.infra.tables import Delivery, DeliveryState, Result, Run
+from worker.infra.tables import Delivery, DeliveryState, Result, Run, Study
+from worker.outputs.sr import PredecessorSr
 
 log = logging.getLogger(__name__)
 
@@ -241,6 +247,72 @@ def _outcomes(sessions: sessionmaker[Session], run_id: int) -> list[DeliveryOutc
     ]
 
 
+@dataclass(frozen=True)
+class Predecessor:
+    """The earlier SR a run's SR replaces and the deliveries that sent it (``{target: delivery id}``)."""
+
+    sr: PredecessorSr
+    deliveries: dict[str, int]
+
+    def delivery_for(self, target: str) -> int:
+        """The delivery a new one to ``target`` replaces: the same target's, else the first that sent the SR."""
+        return self.deliveries.get(target, min(self.deliveries.values()))
+
+
+def find_predecessor(session: Session, *, run: Run, result: Result) -> Predecessor | None:
+    """The SR that ``result``'s SR replaces, if any.
+
+    Among the earlier results (by ``created_at``, then id) of studies with the same
+    StudyInstanceUID, the latest whose SR was sent (a ``sent`` delivery listing an ``sr``
+    instance). A study without a StudyInstanceUID has none.
+    """
+    study_uid = session.scalar(select(Study.study_instance_uid).where(Study.id == run.study_id))
+    if not study_uid:
+        return None
+    earlier = or_(
+        Result.created_at < result.created_at, and_(Result.created_at == result.created_at, Result.id < result.id)
+    )
+    rows = session.execute(
+        select(Delivery.id, Delivery.target, Delivery.instances, Delivery.result_id)
+        .join(Result, Result.id == Delivery.result_id)
+        .join(Run, Run.id == Delivery.run_id)
+        .join(Study, Study.id == Run.study_id)
+        .where(Study.study_instance_uid == study_uid, Delivery.state == DeliveryState.SENT, earlier)
+        .order_by(Result.created_at.desc(), Result.id.desc(), Delivery.id)
+    ).all()
+    found: PredecessorSr | None = None
+    deliveries: dict[str, int] = {}
+    for row in rows:
+        srs = [i for i in row.instances or [] if i.get("kind") == KIND_SR]
+        if not srs:
+            continue
+        if found is None:
+            sr = srs[0]
+            found = PredecessorSr(
+                study_instance_uid=str(study_uid),
+                series_instance_uid=str(sr["series_instance_uid"]),
+                sop_instance_uid=str(sr["sop_instance_uid"]),
+                sop_class_uid=str(sr["sop_class_uid"]),
+            )
+        if any(i["sop_instance_uid"] == found.sop_instance_uid for i in srs):
+            deliveries.setdefault(str(row.target), int(row.id))
+    return Predecessor(found, deliveries) if found is not None else None
+
+
+def _link(sessions: sessionmaker[Session], pending: Sequence[Delivery], predecessor: Predecessor) -> None:
+    """Record on each pending delivery which SR its SR replaces and which delivery sent that one."""
+    with db.transaction(sessions) as session:
+        for delivery in pending:
+            session.execute(
+                update(Delivery)
+                .where(Delivery.id == delivery.id)
+                .values(
+                    predecessor_sr_uid=predecessor.sr.sop_instance_uid,
+                    replaces_delivery_id=predecessor.delivery_for(delivery.target),
+                )
+            )
+
+
 def deliver_run(*, run_id: int, deps: DeliveryDeps, senders: Sequence[Sender] | None = None) -> list[DeliveryOutcome]:
     """Send the run's result to every configured target whose delivery is ``pending``.
 
@@ -263,6 +335,11 @@ def deliver_run(*, run_id: int, deps: DeliveryDeps, senders: Sequence[Sender] | 
         ).all()
         result = session.scalar(select(Result).where(Result.run_id == run_id))
         run = session.get(Run, run_id)
+        predecessor = (
+            find_predecessor(session, run=run, result=result)
+            if settings.pacs_send_sr and result is not None and run is not None
+            else None
+        )
     by_target = {s.target: s for s in senders}
     pending = [d for d in pending if d.target in by_target]
     if not pending or result is None or run is None:
@@ -273,7 +350,12 @@ def deliver_run(*, run_id: int, deps: DeliveryDeps, senders: Sequence[Sender] | 
         retry_later: list[str] = []
         try:
             objects = build_objects(
-                result=result, run=run, settings=deps.settings, store=deps.results_store, work_dir=scratch
+                result=result,
+                run=run,
+                settings=deps.settings,
+                store=deps.results_store,
+                work_dir=scratch,
+                replaces=predecessor.sr if predecessor is not None else None,
             )
         except DeliveryError as exc:
             log.warning("run %s: nothing can be delivered: %s", run_id, exc.message)
@@ -283,6 +365,8 @@ def deliver_run(*, run_id: int, deps: DeliveryDeps, senders: Sequence[Sender] | 
             error = DeliveryError(f"results store unavailable: {exc.message}", transient=True)
             retry_later = [m for d in pending if (m := _after_failure(deps, d, error, objects=[])) is not None]
         else:
+            if predecessor is not None:
+                _link(deps.sessions, pending, predecessor)
             for delivery in pending:
                 message = _attempt(deps, delivery, by_target[delivery.target], objects)
                 if message is not None:

@@ -17,7 +17,7 @@ from worker.delivery.senders import DeliveryError, DicomObject, short_reason
 from worker.infra.object_store import ObjectStore, StorageError
 from worker.infra.tables import Result, Run
 from worker.outputs import secondary_capture, sr
-from worker.outputs.sr import VolumeReport
+from worker.outputs.sr import PredecessorSr, VolumeReport
 
 KIND_SEG = "seg"
 KIND_SR = "sr"
@@ -65,14 +65,24 @@ def report_of(result: Result, run: Run) -> VolumeReport:
         model_name=str(run.model_name),
         model_version=str(run.model_version),
         model_sha256=str(run.model_sha256 or ""),
+        abc2_a_mm=result.abc2_a_mm,
+        abc2_b_mm=result.abc2_b_mm,
+        abc2_c_mm=result.abc2_c_mm,
     )
 
 
 def build_objects(
-    *, result: Result, run: Run, settings: Settings, store: ObjectStore, work_dir: Path
+    *,
+    result: Result,
+    run: Run,
+    settings: Settings,
+    store: ObjectStore,
+    work_dir: Path,
+    replaces: PredecessorSr | None = None,
 ) -> list[DicomObject]:
     """SEG, SR and overlay SC of one result, as the settings ask (order: SEG, SR, overlay).
 
+    ``replaces``: the study's earlier SR the new one amends (its Predecessor Documents Sequence).
     Reads ``seg.dcm`` (and ``overlay.png``) from ``store`` (the results store) into ``work_dir``.
     Raises :class:`DeliveryError` (permanent) for a missing or unreadable artefact and
     :class:`TransientError` for storage trouble that may pass.
@@ -87,7 +97,8 @@ def build_objects(
         objects.append(DicomObject(KIND_SEG, seg))
     if settings.pacs_send_sr:
         try:
-            objects.append(DicomObject(KIND_SR, sr.build_volume_sr(seg=seg, report=report_of(result, run))))
+            report = sr.build_volume_sr(seg=seg, report=report_of(result, run), replaces=replaces)
+            objects.append(DicomObject(KIND_SR, report))
         except ValueError as exc:
             raise DeliveryError(f"the SR could not be built: {exc}", transient=False) from exc
     if settings.pacs_send_overlay:

@@ -210,9 +210,10 @@ class Result(Base):
 
     ``volume_ml``: hematoma volume from the mask, each pixel weighted by row x column
     spacing x its slab thickness (mm^3 -> mL). ``abc2_ml``: the ABC/2 estimate from the
-    same mask. ``pixel_spacing_row_mm`` / ``pixel_spacing_col_mm`` are DICOM
-    PixelSpacing[0] / [1]. ``timings_s`` maps stage names to seconds. Artefact URIs are
-    ``s3://`` or ``file://``; those not written are NULL.
+    same mask, and ``abc2_a_mm``, ``abc2_b_mm``, ``abc2_c_mm`` its three lengths (mm;
+    NULL for results recorded before they were kept). ``pixel_spacing_row_mm`` /
+    ``pixel_spacing_col_mm`` are DICOM PixelSpacing[0] / [1]. ``timings_s`` maps stage
+    names to seconds. Artefact URIs are ``s3://`` or ``file://``; those not written are NULL.
     """
 
     __tablename__ = "results"
@@ -228,6 +229,9 @@ class Result(Base):
     series_instance_uid: Mapped[str] = mapped_column(Text)
     volume_ml: Mapped[float] = mapped_column(Float)
     abc2_ml: Mapped[float] = mapped_column(Float)
+    abc2_a_mm: Mapped[float | None] = mapped_column(Float)
+    abc2_b_mm: Mapped[float | None] = mapped_column(Float)
+    abc2_c_mm: Mapped[float | None] = mapped_column(Float)
     n_slices: Mapped[int] = mapped_column(Integer)
     pixel_spacing_row_mm: Mapped[float] = mapped_column(Float)
     pixel_spacing_col_mm: Mapped[float] = mapped_column(Float)
@@ -290,7 +294,11 @@ class Delivery(Base):
     (DIMSE C-STORE), ``destination`` the URL or ``AET@host:port`` (never credentials).
     ``attempts`` counts sends; ``last_error`` is the last failure's one-line reason;
     ``instances`` lists the objects of the last attempt, each ``{"kind", "sop_class_uid",
-    "sop_instance_uid", "series_instance_uid"}``. Written by :mod:`worker.delivery.deliveries`.
+    "sop_instance_uid", "series_instance_uid"}``. When the study was measured before and
+    that result's SR was sent, this delivery's SR replaces it: ``predecessor_sr_uid`` is the
+    SOP Instance UID its Predecessor Documents Sequence names and ``replaces_delivery_id``
+    the delivery that sent it (the same target's where there is one; NULL once that row is
+    deleted). Written by :mod:`worker.delivery.deliveries`.
     """
 
     __tablename__ = "deliveries"
@@ -299,6 +307,7 @@ class Delivery(Base):
         CheckConstraint("attempts >= 0", name="attempts_nonnegative"),
         Index(None, "state", "updated_at"),
         Index(None, "result_id"),
+        Index(None, "replaces_delivery_id"),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
@@ -326,6 +335,8 @@ class Delivery(Base):
     updated_at: Mapped[dt.datetime | None] = mapped_column()
     last_attempt_at: Mapped[dt.datetime | None] = mapped_column()
     sent_at: Mapped[dt.datetime | None] = mapped_column()
+    replaces_delivery_id: Mapped[int | None] = mapped_column(BigId, ForeignKey("deliveries.id", ondelete="SET NULL"))
+    predecessor_sr_uid: Mapped[str | None] = mapped_column(Text)
 
     def __repr__(self) -> str:
         return f"Delivery(id={self.id!r}, run_id={self.run_id!r}, target={self.target!r}, state={self.state!r})"

@@ -36,7 +36,16 @@ Number of slices (99ICHVOL NSLICES)     slices of the measured series           
 Spacing between slices (DCM 112226)     mean slab thickness along the slice normal       mm
 Vertical Pixel Spacing (DCM 111066)     PixelSpacing[0], between rows                     mm
 Horizontal Pixel Spacing (DCM 111026)   PixelSpacing[1], between columns                  mm
+Length (SCT 410668003)                  ABC/2's A: the longest diameter of the hematoma   mm
+                                        on the slice with the most hematoma
+Width (SCT 103355008)                   ABC/2's B: the longest chord perpendicular to A   mm
+Height (DCM 121207)                     ABC/2's C: the slab thicknesses of the hematoma   mm
+                                        slices weighted 1, 0.5 or 0 by their area
 ======================================  ===============================================  ==========
+
+A, B and C are the lengths the ABC/2 value is made of (length, width and height, as the
+LWH method names them); A x B x C / 2 mm^3 is the "Volume of ellipsoid" in mL x 1000.
+Results recorded before the lengths were kept have an SR without them.
 
 No standard code names "number of slices"; it uses the private coding scheme
 ``99ICHVOL`` (a ``99`` prefix marks a local scheme in DICOM). The document closes with a
@@ -47,6 +56,11 @@ The SR is unverified and preliminary; its series description says "research use 
 UIDs are derived from the SEG's SOP Instance UID (``2.25.<hash>``): building the SR twice
 for the same result gives the same instance, so a redelivery replaces rather than
 duplicates it in the PACS.
+
+Amendment: when the study was measured before (another model version, an adapted model)
+and that result's SR was sent, the new SR names it in its Predecessor Documents Sequence
+(``replaces``; chosen by :mod:`worker.delivery.deliveries`), so a PACS reader sees which
+report is current. It is a new instance in a new series: the old one stays as it was sent.
 """
 
 from __future__ import annotations
@@ -67,6 +81,7 @@ from worker.core.notices import DISCLAIMER
 
 __all__ = [
     "SR_SERIES_DESCRIPTION",
+    "PredecessorSr",
     "VolumeReport",
     "build_volume_sr",
     "derived_uid",
@@ -92,6 +107,9 @@ NUMBER_OF_SLICES = CodedConcept("NSLICES", "99ICHVOL", "Number of slices")
 SPACING_BETWEEN_SLICES = CodedConcept("112226", "DCM", "Spacing between slices")
 VERTICAL_PIXEL_SPACING = CodedConcept("111066", "DCM", "Vertical Pixel Spacing")
 HORIZONTAL_PIXEL_SPACING = CodedConcept("111026", "DCM", "Horizontal Pixel Spacing")
+ABC2_A = CodedConcept("410668003", "SCT", "Length")
+ABC2_B = CodedConcept("103355008", "SCT", "Width")
+ABC2_C = CodedConcept("121207", "DCM", "Height")
 HEMATOMA = CodedConcept("35566002", "SCT", "Hematoma")
 ABNORMAL_STRUCTURE = CodedConcept("49755003", "SCT", "Morphologically abnormal structure")
 BRAIN = CodedConcept("12738006", "SCT", "Brain")
@@ -120,7 +138,9 @@ class VolumeReport:
     ``volume_ml``: planimetric hematoma volume (mL); ``abc2_ml``: ABC/2 estimate (mL);
     ``n_slices``: slices of the measured series; ``pixel_spacing_mm``: DICOM PixelSpacing
     order (between rows, between columns), mm; ``slab_thickness_mean_mm``: mean slab
-    thickness along the slice normal, mm; ``series_instance_uid``: the measured CT series.
+    thickness along the slice normal, mm; ``series_instance_uid``: the measured CT series;
+    ``abc2_a_mm``, ``abc2_b_mm``, ``abc2_c_mm``: the ABC/2 lengths, mm (None: left out,
+    for results recorded before they were kept).
     """
 
     volume_ml: float
@@ -132,6 +152,34 @@ class VolumeReport:
     model_name: str
     model_version: str
     model_sha256: str = ""
+    abc2_a_mm: float | None = None
+    abc2_b_mm: float | None = None
+    abc2_c_mm: float | None = None
+
+    @property
+    def abc2_lengths_mm(self) -> tuple[float, float, float] | None:
+        """(A, B, C) in mm when all three are known."""
+        a, b, c = self.abc2_a_mm, self.abc2_b_mm, self.abc2_c_mm
+        return None if a is None or b is None or c is None else (a, b, c)
+
+
+@dataclass(frozen=True)
+class PredecessorSr:
+    """The SR a new one replaces: the UIDs its Predecessor Documents Sequence names."""
+
+    study_instance_uid: str
+    series_instance_uid: str
+    sop_instance_uid: str
+    sop_class_uid: str = str(pydicom.uid.Comprehensive3DSRStorage)
+
+    def as_dataset(self) -> pydicom.Dataset:
+        """A header-only stand-in (the four UIDs), as highdicom reads previous versions."""
+        ds = pydicom.Dataset()
+        ds.StudyInstanceUID = self.study_instance_uid
+        ds.SeriesInstanceUID = self.series_instance_uid
+        ds.SOPClassUID = self.sop_class_uid
+        ds.SOPInstanceUID = self.sop_instance_uid
+        return ds
 
 
 def derived_uid(*parts: str) -> str:
@@ -184,6 +232,8 @@ def _check(report: VolumeReport) -> None:
         "pixel_spacing_mm[0]": report.pixel_spacing_mm[0],
         "pixel_spacing_mm[1]": report.pixel_spacing_mm[1],
     }
+    for name, length in zip(("abc2_a_mm", "abc2_b_mm", "abc2_c_mm"), report.abc2_lengths_mm or (), strict=False):
+        values[name] = length
     for name, value in values.items():
         if not np.isfinite(value) or value < 0:
             raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
@@ -191,13 +241,17 @@ def _check(report: VolumeReport) -> None:
         raise ValueError(f"n_slices must be positive, got {report.n_slices}")
 
 
-def build_volume_sr(*, seg: pydicom.Dataset, report: VolumeReport) -> hd.sr.Comprehensive3DSR:
+def build_volume_sr(
+    *, seg: pydicom.Dataset, report: VolumeReport, replaces: PredecessorSr | None = None
+) -> hd.sr.Comprehensive3DSR:
     """The TID 1500 measurement report of one result (layout: module docstring).
 
     ``seg``: the result's DICOM Segmentation (``seg.dcm``, full dataset); its patient,
     study and source-series references are used. ``report``: the numbers, from the
-    ``results`` row. Raises ``ValueError`` when the SEG does not reference
-    ``report.series_instance_uid`` or a number is negative or not finite.
+    ``results`` row. ``replaces``: the earlier SR of the study this one amends (named in
+    the Predecessor Documents Sequence). Raises ``ValueError`` when the SEG does not
+    reference ``report.series_instance_uid``, a number is negative or not finite, or
+    ``replaces`` is this SR itself.
     """
     _check(report)
     series_uid, instances = _referenced_ct(seg)
@@ -236,6 +290,11 @@ def build_volume_sr(*, seg: pydicom.Dataset, report: VolumeReport) -> hd.sr.Comp
         _measurement(VERTICAL_PIXEL_SPACING, report.pixel_spacing_mm[0], UNIT_MM),
         _measurement(HORIZONTAL_PIXEL_SPACING, report.pixel_spacing_mm[1], UNIT_MM),
     ]
+    lengths = report.abc2_lengths_mm
+    if lengths is not None:
+        measurements += [
+            _measurement(name, v, UNIT_MM) for name, v in zip((ABC2_A, ABC2_B, ABC2_C), lengths, strict=True)
+        ]
     group = hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
             uid=derived_uid("tracking", str(seg.SOPInstanceUID)), identifier=TRACKING_LABEL
@@ -266,12 +325,15 @@ def build_volume_sr(*, seg: pydicom.Dataset, report: VolumeReport) -> hd.sr.Comp
         ]
     )
     content[0].ContentSequence.append(evaluations)
+    sop_instance_uid = derived_uid("sr", str(seg.SOPInstanceUID))
+    if replaces is not None and replaces.sop_instance_uid == sop_instance_uid:
+        raise ValueError("an SR cannot replace itself")
     sr = hd.sr.Comprehensive3DSR(
         evidence=_evidence(seg, series_uid, instances),
         content=content[0],
         series_instance_uid=derived_uid("sr-series", str(seg.SOPInstanceUID)),
         series_number=SR_SERIES_NUMBER,
-        sop_instance_uid=derived_uid("sr", str(seg.SOPInstanceUID)),
+        sop_instance_uid=sop_instance_uid,
         instance_number=1,
         manufacturer=MANUFACTURER,
         is_complete=True,
@@ -279,6 +341,7 @@ def build_volume_sr(*, seg: pydicom.Dataset, report: VolumeReport) -> hd.sr.Comp
         is_verified=False,
         series_description=SR_SERIES_DESCRIPTION,
         software_versions=worker.__version__,
+        previous_versions=[replaces.as_dataset()] if replaces is not None else None,
     )
     return sr
 
@@ -311,8 +374,10 @@ def read_volume_report(sr: pydicom.Dataset) -> dict[str, float | int | str]:
 
     Returns ``volume_ml``, ``abc2_ml``, ``n_slices``, ``slab_thickness_mean_mm``,
     ``pixel_spacing_row_mm``, ``pixel_spacing_col_mm``, ``segmentation_sop_instance_uid``,
-    ``source_series_instance_uid``, ``algorithm_name`` and ``algorithm_version``. Raises
-    ``ValueError`` when one is missing or has an unexpected unit.
+    ``source_series_instance_uid``, ``algorithm_name`` and ``algorithm_version``; also
+    ``abc2_a_mm``, ``abc2_b_mm``, ``abc2_c_mm`` where the SR has them and
+    ``replaces_sop_instance_uid`` where it amends an earlier SR. Raises ``ValueError``
+    when a required one is missing or a number has an unexpected unit.
     """
     numbers = _numbers_by_name(sr)
 
@@ -335,6 +400,17 @@ def read_volume_report(sr: pydicom.Dataset) -> dict[str, float | int | str]:
         "pixel_spacing_row_mm": one(VERTICAL_PIXEL_SPACING, UNIT_MM),
         "pixel_spacing_col_mm": one(HORIZONTAL_PIXEL_SPACING, UNIT_MM),
     }
+    for key, length in (("abc2_a_mm", ABC2_A), ("abc2_b_mm", ABC2_B), ("abc2_c_mm", ABC2_C)):
+        if (length.scheme_designator, length.value) in numbers:
+            out[key] = one(length, UNIT_MM)
+    predecessors = [
+        str(instance.ReferencedSOPInstanceUID)
+        for study in sr.get("PredecessorDocumentsSequence", [])
+        for series in study.ReferencedSeriesSequence
+        for instance in series.ReferencedSOPSequence
+    ]
+    if predecessors:
+        out["replaces_sop_instance_uid"] = predecessors[0]
     for key, concept in (
         ("algorithm_name", ("DCM", "111001")),
         ("algorithm_version", ("DCM", "111003")),

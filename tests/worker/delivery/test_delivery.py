@@ -605,7 +605,7 @@ def test_the_deliveries_migration_round_trips(backend: str, request: pytest.Fixt
         checks = {c["name"] for c in insp.get_check_constraints("deliveries")}
         assert checks == {"ck_deliveries_delivery_state", "ck_deliveries_attempts_nonnegative"}
         fks = {(f["referred_table"], f["options"].get("ondelete")) for f in insp.get_foreign_keys("deliveries")}
-        assert fks == {("runs", "CASCADE"), ("results", "CASCADE")}
+        assert fks == {("runs", "CASCADE"), ("results", "CASCADE"), ("deliveries", "SET NULL")}
     finally:
         engine.dispose()
     command.downgrade(db.alembic_config(url), "bdd4386a76ba")

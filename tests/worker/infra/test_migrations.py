@@ -55,6 +55,7 @@ INDEXES = {
     "deliveries": {
         ("ix_deliveries_state_updated_at", ("state", "updated_at")),
         ("ix_deliveries_result_id", ("result_id",)),
+        ("ix_deliveries_replaces_delivery_id", ("replaces_delivery_id",)),
     },
 }
 FOREIGN_KEYS = {
@@ -64,6 +65,7 @@ FOREIGN_KEYS = {
     "deliveries": {
         ("fk_deliveries_run_id_runs", "runs", "CASCADE"),
         ("fk_deliveries_result_id_results", "results", "CASCADE"),
+        ("fk_deliveries_replaces_delivery_id_deliveries", "deliveries", "SET NULL"),
     },
 }
 CHECKS = {

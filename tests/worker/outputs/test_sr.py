@@ -13,10 +13,18 @@ import pytest
 from pydicom.sr.codedict import codes
 from pydicom.uid import Comprehensive3DSRStorage, SecondaryCaptureImageStorage
 
+from tests.helpers.dciodvfy import dciodvfy
 from tests.helpers.pacs_results import BLOOD_VOLUME_ML, MeasuredStudy, measured_study
 from worker.core.notices import DISCLAIMER
 from worker.outputs.secondary_capture import OVERLAY_SERIES_DESCRIPTION, build_overlay_sc, read_png_rgb
-from worker.outputs.sr import SR_SERIES_DESCRIPTION, VolumeReport, build_volume_sr, derived_uid, read_volume_report
+from worker.outputs.sr import (
+    SR_SERIES_DESCRIPTION,
+    PredecessorSr,
+    VolumeReport,
+    build_volume_sr,
+    derived_uid,
+    read_volume_report,
+)
 
 
 @pytest.fixture(scope="module")
@@ -120,6 +128,64 @@ def test_uids_are_stable_per_seg_so_a_resend_replaces(measured: MeasuredStudy, t
     assert first.SOPInstanceUID.startswith("2.25.") and len(first.SOPInstanceUID) <= 64
     assert pydicom.uid.UID(first.SOPInstanceUID).is_valid
     assert derived_uid("a", "b") == derived_uid("a", "b") != derived_uid("ab")
+
+
+def test_the_abc2_lengths_are_measurements_of_the_group(measured: MeasuredStudy, tmp_path: Path) -> None:
+    """A, B and C (mm) beside the ABC/2 volume they make: A x B x C / 2 mm^3 = the volume of ellipsoid."""
+    a, b, c = 12.5, 8.0, 7.5
+    report = report_for(measured, abc2_ml=a * b * c / 2 / 1000, abc2_a_mm=a, abc2_b_mm=b, abc2_c_mm=c)
+    build_volume_sr(seg=pydicom.dcmread(measured.seg_path), report=report).save_as(tmp_path / "sr.dcm")
+    sr = hd.sr.srread(tmp_path / "sr.dcm")
+    (group,) = sr.content.get_volumetric_roi_measurement_groups()
+    for concept, value in ((codes.SCT.Length, a), (codes.SCT.Width, b), (codes.DCM.Height, c)):
+        (measurement,) = group.get_measurements(name=concept)
+        assert measurement.value == value and measurement.unit.value == "mm", concept
+    numbers = read_volume_report(pydicom.dcmread(tmp_path / "sr.dcm"))
+    assert (numbers["abc2_a_mm"], numbers["abc2_b_mm"], numbers["abc2_c_mm"]) == (a, b, c)
+    assert numbers["abc2_ml"] == pytest.approx(a * b * c / 2 / 1000)
+    # a result recorded before the lengths were kept: the SR leaves them out
+    older = read_volume_report(build_volume_sr(seg=pydicom.dcmread(measured.seg_path), report=report_for(measured)))
+    assert "abc2_a_mm" not in older
+
+
+def test_a_new_measurement_names_the_sr_it_replaces_and_both_validate(measured: MeasuredStudy, tmp_path: Path) -> None:
+    """The study measured again (another model version): the new SR names the first in its Predecessor
+    Documents Sequence; dciodvfy finds no error in either."""
+    seg = pydicom.dcmread(measured.seg_path)
+    lengths = {"abc2_a_mm": 5.0, "abc2_b_mm": 5.0, "abc2_c_mm": 10.0}
+    first = build_volume_sr(seg=seg, report=report_for(measured, model_version="1", **lengths))
+    first.save_as(tmp_path / "first.dcm", enforce_file_format=True)
+    remeasured = copy.deepcopy(seg)  # the new model's SEG: a new instance
+    remeasured.SOPInstanceUID = derived_uid("test", "second seg")
+    replaces = PredecessorSr(
+        study_instance_uid=first.StudyInstanceUID,
+        series_instance_uid=first.SeriesInstanceUID,
+        sop_instance_uid=first.SOPInstanceUID,
+    )
+    report = report_for(measured, model_version="2", **lengths)
+    second = build_volume_sr(seg=remeasured, report=report, replaces=replaces)
+    second.save_as(tmp_path / "second.dcm", enforce_file_format=True)
+    back = pydicom.dcmread(tmp_path / "second.dcm")
+    (study,) = back.PredecessorDocumentsSequence
+    (series,) = study.ReferencedSeriesSequence
+    (instance,) = series.ReferencedSOPSequence
+    assert (study.StudyInstanceUID, series.SeriesInstanceUID) == (first.StudyInstanceUID, first.SeriesInstanceUID)
+    assert (instance.ReferencedSOPClassUID, instance.ReferencedSOPInstanceUID) == (
+        Comprehensive3DSRStorage,
+        first.SOPInstanceUID,
+    )
+    assert read_volume_report(back)["replaces_sop_instance_uid"] == first.SOPInstanceUID
+    assert "replaces_sop_instance_uid" not in read_volume_report(pydicom.dcmread(tmp_path / "first.dcm"))
+    assert second.SeriesInstanceUID != first.SeriesInstanceUID  # a new report, the old one left as sent
+    for name in ("first.dcm", "second.dcm"):
+        verdict = dciodvfy(tmp_path / name)
+        assert verdict.errors == (), f"{name}:\n{verdict.text}"
+    with pytest.raises(ValueError, match="cannot replace itself"):
+        build_volume_sr(
+            seg=seg,
+            report=report_for(measured),
+            replaces=PredecessorSr(first.StudyInstanceUID, first.SeriesInstanceUID, first.SOPInstanceUID),
+        )
 
 
 def test_a_report_for_another_series_is_refused(measured: MeasuredStudy) -> None:
