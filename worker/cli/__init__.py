@@ -1,6 +1,7 @@
 """The ``ichvol`` command line: one module per command, each with ``add_arguments`` and ``run``.
 
-``worker/cli/<command>.py`` (``predict-images`` is ``predict_images.py``) defines
+``worker/cli/<command>.py`` (``predict-images`` is ``predict_images.py``; the commands that make
+and score models in ``worker/cli/research/``) defines
 ``add_arguments(parser)`` and ``run(args, settings) -> int``; :data:`COMMANDS` lists them
 with their one-line help, in the order ``ichvol --help`` shows. A command module is imported when the parser is
 built, so it imports only light modules at the top and the rest inside ``run``. Only this
@@ -43,6 +44,9 @@ COMMANDS = {
     "pacs-poll": "copy new head CTs from a PACS (QIDO-RS/WADO-RS) into the export bucket",
 }
 
+#: Commands that make and score models: modules in ``worker/cli/research/``.
+RESEARCH_COMMANDS = {"phantom", "train", "dataset", "evaluate", "evaluate-images", "adapt"}
+
 #: Services log at the configured level; interactive commands print their own summary.
 SERVICE_COMMANDS = {"scheduler", "train", "pacs-poll"}
 
@@ -68,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", help="override ICHVOL_LOG_LEVEL")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, help_text in COMMANDS.items():
-        command = importlib.import_module(f"worker.cli.{name.replace('-', '_')}")
+        room = "worker.cli.research" if name in RESEARCH_COMMANDS else "worker.cli"
+        command = importlib.import_module(f"{room}.{name.replace('-', '_')}")
         command_parser = sub.add_parser(name, help=help_text)
         command.add_arguments(command_parser)
         command_parser.set_defaults(handler=command.run)

@@ -104,7 +104,8 @@ def collect_site_slices(
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(studies, desc="reading studies", unit="study", dynamic_ncols=True)
+        # disable=None: drawn on a terminal only, so a log or a pipe gets just the summary line
+        bar = tqdm(studies, desc="reading studies", unit="study", dynamic_ncols=True, disable=None)
         iterable = bar
     for study in iterable:
         try:

@@ -38,8 +38,8 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _bn_and_other_weights(path: Path) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    from worker import framework
-    from worker.model import load_keras_model
+    from worker.model import framework
+    from worker.model.networks import load_keras_model
 
     keras = framework.keras()
     model = load_keras_model(path)

@@ -146,7 +146,12 @@ def test_the_command_scores_writes_and_prints_one_line_per_slice(
     assert code == 0
     assert "a.png: Dice" in out and "c.png: no reference mask" in out and "found" in out
     report = json.loads((tmp_path / "out" / "yardstick.json").read_text())
-    assert report["model"]["version"] == "tiny-test-1" and report["model"]["engine"] == "folded"
+    from worker.core.settings import Settings
+    from worker.model.engines import resolve_engine
+
+    # the engine users get from the same settings (auto resolves per CPU: folded, folded-bf16 or onnx)
+    expected_engine = resolve_engine(Settings.from_env().inference_engine)
+    assert report["model"]["version"] == "tiny-test-1" and report["model"]["engine"] == expected_engine
     assert report["options"]["calibration"] == "parenchyma"
     code = cli.main(
         ["evaluate-images", str(images), str(masks), "--out", str(tmp_path / "o2"), "--calibration", "window"]

@@ -228,7 +228,7 @@ def test_a_short_cpu_run_on_phantom_studies_beats_the_baseline(tmp_path: Path) -
 
 def test_ichvol_train_takes_size_window_and_splits_from_prepared_data(tmp_path: Path) -> None:
     from tests.helpers.labelled_data import write_image_folders
-    from worker.cli import train as train_command
+    from worker.cli.research import train as train_command
     from worker.research import datasets
 
     images, masks = write_image_folders(tmp_path, patients=4, slices=2)

@@ -16,7 +16,7 @@ import pydicom
 import pytest
 
 from tests.helpers.phantom import ellipsoid_volume_error_pct, hu_from_dataset, read_series, voxel_centres_mm
-from worker.cli import phantom as phantom_command
+from worker.cli.research import phantom as phantom_command
 from worker.core.settings import Settings
 from worker.synth.phantom import (
     DISCLAIMER,
