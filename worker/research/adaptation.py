@@ -22,7 +22,7 @@ unchanged: no labels, no gradient, minutes on a CPU.
 * The new weights file records its provenance (base version and sha256, method, numbers of
   studies and slices, date) and gets the version ``<base>-adapted-<8 hex>``, the hex a hash
   of the base and the studies' series UIDs. The default weights are never overwritten;
-  workers use the result through ``ICHVOL_MODEL_PATH``, and every result row records the
+  workers use the result through ``ICHVOL_MODEL``, and every result row records the
   model version, so a rollback is unsetting that variable.
 """
 
