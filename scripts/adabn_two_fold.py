@@ -8,9 +8,11 @@ file-name order). For each fold, a copy of the model gets its BatchNorm statisti
 recomputed (:func:`worker.research.training.recalibrate_batchnorm`) over the *other*
 fold's slices, prepared exactly as ``ichvol predict-images`` prepares them, and is scored
 on this fold through the image path (:func:`worker.research.image_yardstick.score_pairs`).
-The unadapted model is scored on the same folds. Prints both means.
+With ``--site-share`` below 1 the recomputed statistics are mixed with the model's own
+(:func:`worker.research.adaptation.blend_batchnorm_statistics`), as ``ichvol adapt
+--site-share`` does. The unadapted model is scored on the same folds. Prints both means.
 
-    .venv/bin/python scripts/adabn_two_fold.py [--model M.keras]
+    .venv/bin/python scripts/adabn_two_fold.py [--model M.keras] [--site-share 1,0.5,0.25]
 """
 
 from __future__ import annotations
@@ -28,7 +30,9 @@ DATA = REPO.parent / "shared" / "data"
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, default=None, help="weights file (default: the shipped model)")
+    parser.add_argument("--site-share", default="1", help="comma-separated site shares to measure (1: plain AdaBN)")
     args = parser.parse_args(argv)
+    shares = [float(v) for v in args.site_share.split(",")]
 
     from worker.imaging.slice_calibration import calibrate_image
     from worker.measure.image_inference import ImageOptions
@@ -36,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     from worker.model.engines import KerasSegmenter
     from worker.model.networks import load_keras_model
     from worker.model.weights import read_model_info, resolve_model_path
+    from worker.research.adaptation import batchnorm_statistics, blend_batchnorm_statistics
     from worker.research.image_yardstick import load_reference_pairs, score_pairs
     from worker.research.training import recalibrate_batchnorm
 
@@ -44,7 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     info = read_model_info(path)
     folds = [pairs[0::2], pairs[1::2]]
     options = ImageOptions()
-    rows = []
+    rows: dict[float, list[tuple[str, int, float, float, float, float]]] = {share: [] for share in shares}
+    plain = KerasSegmenter(load_keras_model(path), info)
     for k, fold in enumerate(folds):
         other = folds[1 - k]
         inputs = []
@@ -53,24 +59,26 @@ def main(argv: list[str] | None = None) -> int:
             x, _ = preprocess.to_model_input(cal.to_hu(pair.image)[None], size=info.input_size, window=info.hu_window)
             inputs.append(x)
         batch = np.concatenate(inputs)[..., None]
-        plain = KerasSegmenter(load_keras_model(path), info)
-        adapted_model = load_keras_model(path)
-        recalibrate_batchnorm(adapted_model, [batch])
-        adapted = KerasSegmenter(adapted_model, info)
         before, _ = score_pairs(fold, segmenter=plain, options=options)
-        after, _ = score_pairs(fold, segmenter=adapted, options=options)
-        for b, a in zip(before.slices, after.slices, strict=True):
-            if b.scored:
-                rows.append((b.name, k, b.dice, a.dice, b.dice_model, a.dice_model))
-                alone = f"model alone {b.dice_model:.3f} -> {a.dice_model:.3f}"
-                print(f"fold {k} {b.name}: Dice {b.dice:.3f} -> {a.dice:.3f} ({alone})")
-    before_dice = np.mean([r[2] for r in rows])
-    after_dice = np.mean([r[3] for r in rows])
-    print(
-        f"{info.version}: mean Dice {before_dice:.3f} -> {after_dice:.3f} with AdaBN (two-fold, {len(rows)} slices); "
-        f"model alone {np.mean([r[4] for r in rows]):.3f} -> {np.mean([r[5] for r in rows]):.3f}; found "
-        f"{sum(r[2] > 0.1 for r in rows)} -> {sum(r[3] > 0.1 for r in rows)}"
-    )
+        for share in shares:
+            adapted_model = load_keras_model(path)
+            source = batchnorm_statistics(adapted_model)
+            recalibrate_batchnorm(adapted_model, [batch])
+            if share < 1.0:
+                blend_batchnorm_statistics(adapted_model, source, share)
+            after, _ = score_pairs(fold, segmenter=KerasSegmenter(adapted_model, info), options=options)
+            for b, a in zip(before.slices, after.slices, strict=True):
+                if b.scored:
+                    rows[share].append((b.name, k, b.dice, a.dice, b.dice_model, a.dice_model))
+                    alone = f"model alone {b.dice_model:.3f} -> {a.dice_model:.3f}"
+                    print(f"share {share:g} fold {k} {b.name}: Dice {b.dice:.3f} -> {a.dice:.3f} ({alone})")
+    for share, got in rows.items():
+        print(
+            f"{info.version}, site share {share:g}: mean Dice {np.mean([r[2] for r in got]):.3f} -> "
+            f"{np.mean([r[3] for r in got]):.3f} with AdaBN (two-fold, {len(got)} slices); model alone "
+            f"{np.mean([r[4] for r in got]):.3f} -> {np.mean([r[5] for r in got]):.3f}; found "
+            f"{sum(r[2] > 0.1 for r in got)} -> {sum(r[3] > 0.1 for r in got)}"
+        )
     return 0
 
 

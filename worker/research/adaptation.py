@@ -43,7 +43,17 @@ from worker.imaging.series_selection import SelectionRules
 from worker.model import preprocess
 from worker.model.weights import ModelInfo, default_model_path, read_model_info, resolve_model_path
 
-__all__ = ["MIN_STUDIES", "AdaptationReport", "SkippedStudy", "adapt_model", "collect_site_slices", "study_folders"]
+__all__ = [
+    "DEFAULT_SITE_SHARE",
+    "MIN_STUDIES",
+    "AdaptationReport",
+    "SkippedStudy",
+    "adapt_model",
+    "batchnorm_statistics",
+    "blend_batchnorm_statistics",
+    "collect_site_slices",
+    "study_folders",
+]
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +61,9 @@ F32 = npt.NDArray[np.float32]
 
 MIN_STUDIES = 5
 BATCH_SIZE = 16
+#: The site's share of the adapted statistics (1.0: plain AdaBN). Chosen on the real yardstick
+#: (MODEL_CARD.md, "Site adaptation"): plain AdaBN over a few bleed-heavy slices hurt there.
+DEFAULT_SITE_SHARE = 1.0
 
 
 @dataclass(frozen=True)
@@ -124,8 +137,49 @@ def collect_site_slices(
     return SiteSlices(stacked, tuple(used), tuple(uids), tuple(skipped))
 
 
-def _version(base: ModelInfo, series_uids: tuple[str, ...]) -> str:
-    digest = hashlib.sha256((base.sha256 + "\n" + "\n".join(sorted(series_uids))).encode()).hexdigest()[:8]
+def batchnorm_statistics(model: object) -> list[tuple[F32, F32]]:
+    """Every BatchNormalization layer's (moving mean, moving variance), in layer order (copies)."""
+    from worker.model import framework
+
+    keras = framework.keras()
+    return [
+        (
+            np.array(layer.moving_mean.numpy(), dtype=np.float32),
+            np.array(layer.moving_variance.numpy(), dtype=np.float32),
+        )
+        for layer in model.layers  # type: ignore[attr-defined]
+        if isinstance(layer, keras.layers.BatchNormalization)
+    ]
+
+
+def blend_batchnorm_statistics(model: object, source: list[tuple[F32, F32]], site_share: float) -> None:
+    """Mix the model's current (site) BatchNorm statistics with ``source`` ones, in place.
+
+    The result is the statistics of the mixture "``site_share`` of the site's features, the
+    rest the training data's": mean ``(1-s) m0 + s m1``, variance ``(1-s) v0 + s v1 + s (1-s)
+    (m1 - m0)^2``. ``site_share`` 1 leaves plain AdaBN, 0 restores the source statistics.
+    """
+    if not 0.0 <= site_share <= 1.0:
+        raise ConfigurationError(f"the site share must be between 0 and 1, got {site_share}")
+    from worker.model import framework
+
+    keras = framework.keras()
+    layers = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]  # type: ignore[attr-defined]
+    if len(layers) != len(source):
+        raise ValueError(f"{len(source)} source statistics for {len(layers)} BatchNorm layers")
+    s = float(site_share)
+    for layer, (mean0, var0) in zip(layers, source, strict=True):
+        mean1 = np.asarray(layer.moving_mean.numpy(), dtype=np.float64)
+        var1 = np.asarray(layer.moving_variance.numpy(), dtype=np.float64)
+        mean = (1.0 - s) * mean0 + s * mean1
+        var = (1.0 - s) * var0 + s * var1 + s * (1.0 - s) * (mean1 - mean0) ** 2
+        layer.moving_mean.assign(mean.astype(np.float32))
+        layer.moving_variance.assign(var.astype(np.float32))
+
+
+def _version(base: ModelInfo, series_uids: tuple[str, ...], site_share: float = 1.0) -> str:
+    share = "" if site_share == 1.0 else f"\nshare {site_share:g}"
+    digest = hashlib.sha256((base.sha256 + "\n" + "\n".join(sorted(series_uids)) + share).encode()).hexdigest()[:8]
     return f"{base.version}-adapted-{digest}"
 
 
@@ -138,8 +192,12 @@ def adapt_model(
     min_studies: int = MIN_STUDIES,
     seed: int = 0,
     progress: bool = False,
+    site_share: float = DEFAULT_SITE_SHARE,
 ) -> AdaptationReport:
     """AdaBN on the studies in ``studies_dir``; writes the adapted weights to ``out_path``.
+
+    ``site_share`` (0 to 1) is the site's share of the new statistics
+    (:func:`blend_batchnorm_statistics`; 1: plain AdaBN).
 
     Raises :class:`ConfigurationError` (nothing written) when ``out_path`` would overwrite
     the shipped default or the base weights, or fewer than ``min_studies`` studies are usable.
@@ -152,6 +210,8 @@ def adapt_model(
     for protected in (default_model_path(), base_path):
         if out_path.exists() and out_path.resolve() == Path(protected).resolve():
             raise ConfigurationError(f"--out {out_path} would overwrite {protected.name}: write a new file")
+    if not 0.0 < site_share <= 1.0:
+        raise ConfigurationError(f"--site-share must be above 0 and at most 1, got {site_share}")
     if out_path.suffix != ".keras":
         raise ConfigurationError(f"--out must be a .keras file, got {out_path.name}")
     base = read_model_info(base_path)
@@ -173,16 +233,19 @@ def adapt_model(
         for i in range(0, len(order), BATCH_SIZE)
         if len(order[i : i + BATCH_SIZE]) >= 2  # a batch of one has no variance
     ]
+    source = batchnorm_statistics(model)
     recalibrate_batchnorm(model, batches)
+    if site_share < 1.0:
+        blend_batchnorm_statistics(model, source, site_share)
     now = datetime.now(UTC).isoformat(timespec="seconds")
     adapted = replace(
         base,
-        version=_version(base, site.series_uids),
+        version=_version(base, site.series_uids, site_share),
         created=now,
         sha256="",
         training_data=(
             f"{base.training_data}; then BatchNorm statistics adapted (AdaBN) to {len(site.used)} unlabelled "
-            f"site studies ({len(site.images)} slices), every other weight unchanged"
+            f"site studies ({len(site.images)} slices; site share {site_share:g}), every other weight unchanged"
         ),
         provenance={
             "method": "adabn",
@@ -191,6 +254,7 @@ def adapt_model(
             "n_studies": len(site.used),
             "n_slices": len(site.images),
             "n_skipped": len(site.skipped),
+            "site_share": site_share,
             "date": now,
         },
     )

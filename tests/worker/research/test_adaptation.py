@@ -46,8 +46,8 @@ def _bn_and_other_weights(path: Path) -> tuple[list[np.ndarray], list[np.ndarray
     stats, others = [], []
     for layer in model.layers:
         if isinstance(layer, keras.layers.BatchNormalization):
-            stats += [np.asarray(layer.moving_mean), np.asarray(layer.moving_variance)]
-            others += [np.asarray(layer.gamma), np.asarray(layer.beta)]
+            stats += [layer.moving_mean.numpy(), layer.moving_variance.numpy()]
+            others += [layer.gamma.numpy(), layer.beta.numpy()]
         else:
             others += [np.asarray(w) for w in layer.get_weights()]
     return stats, others
@@ -126,3 +126,58 @@ def test_the_command_writes_weights_that_segment_loads(
     result = tmp_path / "seg"
     assert cli.main(["segment", str(site / "study-2"), "--out", str(result), "--model", str(out)]) == 0
     assert json.loads((result / "result.json").read_text())["model"]["version"] == read_model_info(out).version
+
+
+def test_a_site_share_mixes_the_site_statistics_with_the_trained_ones(tiny_model_path: Path) -> None:
+    """share 0 restores the trained statistics, 1 keeps the site's, 0.5 is the two-population mixture."""
+    from worker.model.networks import load_keras_model
+    from worker.research.adaptation import batchnorm_statistics, blend_batchnorm_statistics
+
+    model = load_keras_model(tiny_model_path)
+    trained = batchnorm_statistics(model)
+    rng = np.random.default_rng(0)
+    site = [(m + rng.normal(size=m.shape).astype(np.float32), v * 4.0) for m, v in trained]
+
+    def set_site() -> None:
+        from worker.model import framework
+
+        bns = [layer for layer in model.layers if isinstance(layer, framework.keras().layers.BatchNormalization)]
+        for layer, (m, v) in zip(bns, site, strict=True):
+            layer.moving_mean.assign(m)
+            layer.moving_variance.assign(v)
+
+    set_site()
+    blend_batchnorm_statistics(model, trained, 1.0)
+    assert all(
+        np.allclose(a[0], b[0]) and np.allclose(a[1], b[1])
+        for a, b in zip(batchnorm_statistics(model), site, strict=True)
+    )
+    blend_batchnorm_statistics(model, trained, 0.0)
+    assert all(
+        np.allclose(a[0], b[0]) and np.allclose(a[1], b[1])
+        for a, b in zip(batchnorm_statistics(model), trained, strict=True)
+    )
+    set_site()
+    blend_batchnorm_statistics(model, trained, 0.5)
+    (m0, v0), (m1, v1), (m, v) = trained[0], site[0], batchnorm_statistics(model)[0]
+    assert np.allclose(m, 0.5 * (m0 + m1), atol=1e-5)
+    assert np.allclose(v, 0.5 * (v0 + v1) + 0.25 * (m1 - m0) ** 2, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ConfigurationError, match="between 0 and 1"):
+        blend_batchnorm_statistics(model, trained, 1.5)
+
+
+def test_the_site_share_is_recorded_and_names_its_own_version(
+    site: Path, tiny_model_path: Path, tmp_path: Path
+) -> None:
+    half = adapt_model(studies_dir=site, out_path=tmp_path / "half.keras", base_model=tiny_model_path, site_share=0.5)
+    full = adapt_model(studies_dir=site, out_path=tmp_path / "full.keras", base_model=tiny_model_path)
+    assert half.adapted.provenance["site_share"] == 0.5 and full.adapted.provenance["site_share"] == 1.0
+    assert half.adapted.version != full.adapted.version and "site share 0.5" in half.adapted.training_data
+    base_stats, _ = _bn_and_other_weights(tiny_model_path)
+    half_stats, _ = _bn_and_other_weights(tmp_path / "half.keras")
+    full_stats, _ = _bn_and_other_weights(tmp_path / "full.keras")
+    # means: exactly halfway between the trained and the plain-AdaBN ones
+    assert np.allclose(half_stats[0], 0.5 * (base_stats[0] + full_stats[0]), atol=1e-5)
+    with pytest.raises(ConfigurationError, match="site-share"):
+        adapt_model(studies_dir=site, out_path=tmp_path / "x.keras", base_model=tiny_model_path, site_share=0.0)
+    assert not (tmp_path / "x.keras").exists()
