@@ -15,8 +15,9 @@ What :func:`predict_teacher` does, step by step, as the BLAST-CT inference does 
 4. **Tiles**: their inference cuts the volume into 30^3 output tiles on a grid starting at
    voxel 0 and gives each a 110^3 input patch centred on it, padded by repeating the edge
    voxel. The network is fully convolutional and its subsampling factors (5 and 3) divide 30,
-   so a larger input patch ``30 k + 80`` gives exactly the same numbers on ``30 k`` output
-   voxels as ``k^3`` separate patches, with far less overlap: :data:`TILE` sets ``k``.
+   so a larger input patch ``15 k + 80`` gives exactly the same numbers on ``15 k`` output
+   voxels (tested). :data:`TILE` is their 30: on the GE scan 60 and 90 were no faster
+   (measured in docs/performance.md), and 30 keeps a model call under 200 MB.
 5. **Softmax** per model, averaged over the models of the ensemble (their ensemble averages
    probabilities); the class is the argmax.
 6. **Back to the native grid**: labels by nearest neighbour (as their saver does);
@@ -42,7 +43,7 @@ import numpy as np
 import numpy.typing as npt
 
 from worker.core.ct import CtSeries
-from worker.core.errors import ModelFileError
+from worker.core.errors import ConfigurationError, ModelFileError
 from worker.measure.teacher_grid import ReorientedGrid, to_native, to_reoriented_1mm
 from worker.model import framework
 from worker.model.blast_ct_net import (
@@ -63,8 +64,8 @@ HEMORRHAGE_CLASSES = (1, 2, 4)
 HU_WINDOW = (-15.0, 100.0)
 MARGIN = 40
 """Input voxels the network needs on each side of its output: (110 - 30) / 2."""
-TILE = 60
-"""Output edge of one model call (a multiple of 30): input patches of ``TILE + 80`` voxels."""
+TILE = 30
+"""Output edge of one model call (a multiple of 15): input patches of ``TILE + 80`` voxels."""
 DEFAULT_MODELS = ("model_1",)
 
 
@@ -205,7 +206,7 @@ def teacher_engine(engine: str) -> str:
     try:
         concrete = resolve_engine(engine)
     except ValueError as exc:
-        raise ModelFileError(str(exc)) from None
+        raise ConfigurationError(str(exc)) from None
     return "bfloat16" if concrete == "folded-bf16" else "float32"
 
 
