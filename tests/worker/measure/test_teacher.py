@@ -102,3 +102,15 @@ def test_predict_teacher_on_the_native_grid() -> None:
 def test_unknown_model_is_refused() -> None:
     with pytest.raises(ModelFileError, match="no shipped BLAST-CT model"):
         load_teacher(["model_99"])
+
+
+def test_engine_names_map_to_how_the_teacher_runs() -> None:
+    from worker.core.errors import ConfigurationError
+    from worker.measure.teacher import teacher_engine
+
+    assert teacher_engine("folded") == "float32"
+    assert teacher_engine("keras") == "float32"
+    assert teacher_engine("onnx") == "onnx"
+    assert teacher_engine("auto") in ("bfloat16", "float32")
+    with pytest.raises(ConfigurationError, match="ICHVOL_INFERENCE_ENGINE"):
+        teacher_engine("warp")
