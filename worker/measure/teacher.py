@@ -204,8 +204,8 @@ def teacher_engine(engine: str) -> str:
 
     ``bfloat16``: TensorFlow with bfloat16 compute, where :func:`worker.model.engines.resolve_engine`
     picks ``folded-bf16`` (``auto`` on a CPU with bfloat16 units, or asked for); ``onnx``: ONNX
-    Runtime float32, only when asked for by name (on the AMD EPYC Zen 4 it took 2 s a patch
-    against TensorFlow's 0.7 s float32, so ``auto`` does not choose it for this 3-D network);
+    Runtime float32, only when asked for by name (on the AMD EPYC Zen 4 it took 0.85 s a patch
+    against TensorFlow's 0.37 s float32, so ``auto`` does not choose it for this 3-D network);
     ``float32``: TensorFlow float32 otherwise. Unknown names raise ConfigurationError.
     """
     from worker.model.engines import resolve_engine
