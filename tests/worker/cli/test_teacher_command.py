@@ -42,7 +42,7 @@ def tiny_teacher(monkeypatch: pytest.MonkeyPatch) -> list[tuple[object, ...]]:
     calls: list[tuple[object, ...]] = []
     model = build_blast_ct(0.1, input_size=140)
 
-    def fake_load(models: object = None, *, engine: str = "auto") -> BlastCtTeacher:
+    def fake_load(models: object = None, *, engine: str = "auto", threads: int = 0) -> BlastCtTeacher:
         calls.append((models, engine))
         return BlastCtTeacher.from_keras([model], ["tiny"], ["ab" * 32])
 

@@ -38,7 +38,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         result = teacher_study(
             study_dir=args.study_dir,
             out_dir=args.out,
-            teacher=lambda: load_teacher(args.models, engine=engine),
+            teacher=lambda: load_teacher(args.models, engine=engine, threads=settings.inference_threads),
             rules=SelectionRules.from_settings(settings),
         )
     except StudyError as error:
