@@ -9,12 +9,12 @@ What :func:`predict_teacher` does, step by step, as the BLAST-CT inference does 
    only permutes and flips the image's own axes; an oblique or tilted series is resampled
    along its own axes, not onto the patient axes.
 2. **1 mm isotropic** (linear interpolation along each axis, origin on the first voxel,
-   ``round(extent / 1 mm) + 1`` voxels per axis; outside values: the image minimum).
+   ``round(extent / 1 mm + 1)`` voxels per axis, as theirs; outside values: the image minimum).
    Uneven slice gaps are honoured (the real slice positions are interpolated).
 3. **Window** [-15, 100] HU clipped and scaled linearly to [-1, 1].
 4. **Tiles**: their inference cuts the volume into 30^3 output tiles on a grid starting at
    voxel 0 and gives each a 110^3 input patch centred on it, padded by repeating the edge
-   voxel. The network is fully convolutional and its subsampling factors (5 and 3) divide 30,
+   voxel. The network is fully convolutional and its subsampling factors (5 and 3) divide 15,
    so a larger input patch ``15 k + 80`` gives exactly the same numbers on ``15 k`` output
    voxels (tested). :data:`TILE` is their 30: on the GE scan 60 and 90 were no faster
    (measured in docs/performance.md), and 30 keeps a model call under 200 MB.
@@ -26,7 +26,8 @@ What :func:`predict_teacher` does, step by step, as the BLAST-CT inference does 
 
 Denormal floats stall the CPU in this network (about 90 minutes a scan in PyTorch without
 flushing them). TensorFlow's CPU kernels run with flush-to-zero and denormals-are-zero set,
-so the float32 engine is not affected; the bfloat16 engine has no denormals to speak of.
+so the float32 engine is not affected (191 s a scan, measured), nor is bfloat16 (147 s); the
+ONNX Runtime session sets ``session.set_denormal_as_zero`` (:mod:`worker.model.blast_ct_onnx`).
 
 Research use only, not for clinical use.
 """

@@ -161,9 +161,13 @@ class OnnxBlastCt:
         import onnxruntime as ort
 
         self.input_shape = (None, input_size, input_size, input_size, 1)
+        options = session_options(threads=threads)
+        # Denormal floats stall this network on CPUs (BLAST-CT's README: 90 minutes a scan in
+        # PyTorch without flushing them); ONNX Runtime flushes them only when asked.
+        options.add_session_config_entry("session.set_denormal_as_zero", "1")
         self._session = ort.InferenceSession(
             blast_ct_onnx(arrays, input_size=input_size),
-            sess_options=session_options(threads=threads),
+            sess_options=options,
             providers=["CPUExecutionProvider"],
         )
 
