@@ -65,6 +65,12 @@ def _settings(args: argparse.Namespace) -> Settings:
     return Settings.from_env(**overrides)
 
 
+def command_module(name: str) -> str:
+    """The module that implements the command ``name`` (``predict-images`` -> ``worker.cli.predict_images``)."""
+    room = "worker.cli.research" if name in RESEARCH_COMMANDS else "worker.cli"
+    return f"{room}.{name.replace('-', '_')}"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ichvol",
@@ -73,8 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", help="override ICHVOL_LOG_LEVEL")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, help_text in COMMANDS.items():
-        room = "worker.cli.research" if name in RESEARCH_COMMANDS else "worker.cli"
-        command = importlib.import_module(f"{room}.{name.replace('-', '_')}")
+        command = importlib.import_module(command_module(name))
         command_parser = sub.add_parser(name, help=help_text)
         command.add_arguments(command_parser)
         command_parser.set_defaults(handler=command.run)

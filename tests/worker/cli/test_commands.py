@@ -14,7 +14,7 @@ from worker import cli
 
 def test_every_command_is_a_module_with_add_arguments_and_run() -> None:
     for name in cli.COMMANDS:
-        module = importlib.import_module(f"worker.cli.{name.replace('-', '_')}")
+        module = importlib.import_module(cli.command_module(name))
         assert callable(module.add_arguments) and callable(module.run), name
     subcommands = next(a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     assert list(subcommands.choices) == list(cli.COMMANDS)
