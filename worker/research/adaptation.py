@@ -43,7 +43,15 @@ from worker.imaging.series_selection import SelectionRules
 from worker.model import preprocess
 from worker.model.weights import ModelInfo, default_model_path, read_model_info, resolve_model_path
 
-__all__ = ["MIN_STUDIES", "AdaptationReport", "SkippedStudy", "adapt_model", "collect_site_slices", "study_folders"]
+__all__ = [
+    "MIN_STUDIES",
+    "AdaptationReport",
+    "SkippedStudy",
+    "adabn_batches",
+    "adapt_model",
+    "collect_site_slices",
+    "study_folders",
+]
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +132,18 @@ def collect_site_slices(
     return SiteSlices(stacked, tuple(used), tuple(uids), tuple(skipped))
 
 
+def adabn_batches(images: F32, *, seed: int) -> list[F32]:
+    """Model-ready slices ``(n, S, S)`` as shuffled batches ``(b, S, S, 1)`` of :data:`BATCH_SIZE`
+    for :func:`worker.research.training.recalibrate_batchnorm` (a last batch of one is left
+    out: it has no variance)."""
+    order = np.random.default_rng(seed).permutation(len(images))
+    return [
+        images[order[i : i + BATCH_SIZE], ..., None]
+        for i in range(0, len(order), BATCH_SIZE)
+        if len(order[i : i + BATCH_SIZE]) >= 2
+    ]
+
+
 def _version(base: ModelInfo, series_uids: tuple[str, ...]) -> str:
     digest = hashlib.sha256((base.sha256 + "\n" + "\n".join(sorted(series_uids))).encode()).hexdigest()[:8]
     return f"{base.version}-adapted-{digest}"
@@ -167,13 +187,7 @@ def adapt_model(
     from worker.research.training import recalibrate_batchnorm
 
     model = load_keras_model(base_path)
-    order = np.random.default_rng(seed).permutation(len(site.images))
-    batches = [
-        site.images[order[i : i + BATCH_SIZE], ..., None]
-        for i in range(0, len(order), BATCH_SIZE)
-        if len(order[i : i + BATCH_SIZE]) >= 2  # a batch of one has no variance
-    ]
-    recalibrate_batchnorm(model, batches)
+    recalibrate_batchnorm(model, adabn_batches(site.images, seed=seed))
     now = datetime.now(UTC).isoformat(timespec="seconds")
     adapted = replace(
         base,

@@ -1,0 +1,226 @@
+"""Distillation (ichvol adapt --teacher blast-ct): labels cached, held-out fifth kept out, provenance, refusals, the loss."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from worker.model import preprocess
+from worker.model.weights import read_model_info
+from worker.research import distillation
+from worker.research.distillation import DistillConfig, distill, split_held_out
+from worker.synth.phantom import LesionSpec, PhantomSpec, generate_study
+
+TINY = PhantomSpec(
+    rows=48,
+    columns=48,
+    pixel_spacing_mm=(4.5, 4.5),
+    slice_thickness_mm=8.0,
+    n_slices=6,
+    first_position_mm=-10.0,
+    lesions=(LesionSpec("round", volume_ml=15.0),),
+)
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Six small phantom studies and one folder without any image."""
+    root = tmp_path_factory.mktemp("site")
+    for i in range(6):
+        generate_study(root / f"study-{i}", spec=TINY, seed=40 + i)
+    (root / "no-images").mkdir()
+    (root / "no-images" / "notes.txt").write_text("no images here")
+    return root
+
+
+@pytest.fixture()
+def teacher_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Counts every run of the teacher (``predict_teacher``) by series UID."""
+    from worker.measure import teacher as teacher_module
+
+    calls: list[str] = []
+    real = teacher_module.predict_teacher
+
+    def counting(series: Any, teacher: Any) -> Any:
+        calls.append(series.series_instance_uid)
+        return real(series, teacher)
+
+    monkeypatch.setattr(teacher_module, "predict_teacher", counting)
+    return calls
+
+
+def _config(site: Path, out: Path, base: Path, teacher: Any, **changes: Any) -> DistillConfig:
+    values: dict[str, Any] = {
+        "studies_dir": site,
+        "out_path": out,
+        "teacher": lambda: teacher,
+        "base_model": base,
+        "epochs": 1,
+        "steps_per_epoch": 2,
+        "batch_size": 4,
+        "synthetic_samples": 8,
+    }
+    return DistillConfig(**(values | changes))
+
+
+# --- the soft-target loss: the project's BCE + Dice, by hand ----------------------------------
+
+
+def test_the_project_loss_takes_soft_targets_as_computed_by_hand() -> None:
+    from worker.model import losses
+
+    y = np.array([0.5, 0.0, 1.0, 0.25], dtype=np.float32).reshape(1, 2, 2, 1)
+    p = np.array([0.5, 0.1, 0.9, 0.25], dtype=np.float32).reshape(1, 2, 2, 1)
+    bce = -np.mean(y * np.log(p) + (1 - y) * np.log(1 - p))
+    dice = (2 * np.sum(y * p) + 1.0) / (np.sum(y) + np.sum(p) + 1.0)  # smooth 1, per image
+    assert float(losses.bce_loss(y, p)) == pytest.approx(bce, rel=1e-5)
+    assert float(losses.dice_loss(y, p)) == pytest.approx(1.0 - dice, rel=1e-5)
+    assert float(losses.bce_dice_loss(y, p)) == pytest.approx(bce + 1.0 - dice, rel=1e-5)
+    # BCE is smallest where the prediction equals the soft target (its gradient is p - y there).
+    for shift in (-0.05, 0.05):
+        moved = np.clip(y + shift, 0.01, 0.99).astype(np.float32)
+        assert float(losses.bce_loss(y, moved)) > float(losses.bce_loss(y, np.clip(y, 0.01, 0.99)))
+
+
+def test_soft_targets_are_resampled_like_the_input() -> None:
+    prob = np.zeros((1, 2, 4), dtype=np.float32)
+    prob[0, 0, :2] = 1.0  # top-left 2 pixels
+    fit = preprocess.Fit.for_shape(2, 4, size=2)  # padded to 4x4 (one row of air above and below), halved
+    small = preprocess.soft_to_model(prob, fit)
+    assert small.shape == (1, 2, 2) and small.dtype == np.float32
+    np.testing.assert_allclose(small[0], [[0.5, 0.0], [0.0, 0.0]], atol=1e-6)  # area: 2 of 4 pixels
+
+
+def test_the_held_out_fifth_is_fixed_by_the_names() -> None:
+    names = [f"study-{i}" for i in range(12)]
+    train, held = split_held_out(names)
+    assert len(held) == 2 and set(train) | set(held) == set(names) and not set(train) & set(held)
+    assert split_held_out(list(reversed(names)))[1] == tuple(n for n in reversed(names) if n in held)
+    assert len(split_held_out(names[:5])[1]) == 1
+
+
+# --- the command end to end -------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_distillation_end_to_end_caches_labels_and_never_trains_on_the_held_out_fifth(
+    site: Path,
+    tiny_model_path: Path,
+    tiny_teacher: Any,
+    teacher_calls: list[str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    trained_on: list[str] = []
+    site_slices = distillation._site_slices
+
+    def spy(studies: Any, **kwargs: Any) -> Any:
+        trained_on.extend(s.name for s in studies)
+        return site_slices(studies, **kwargs)
+
+    monkeypatch.setattr(distillation, "_site_slices", spy)
+    out = tmp_path / "distilled.keras"
+    report = distill(_config(site, out, tiny_model_path, tiny_teacher))
+
+    assert len(teacher_calls) == 6 and report.n_reused_labels == 0
+    assert [s.name for s in report.skipped] == ["no-images"]
+    assert len(report.held_out_studies) == 1 and len(report.train_studies) == 5
+    assert sorted(trained_on) == sorted(report.train_studies)
+    assert not set(trained_on) & set(report.held_out_studies)
+    assert report.n_train_slices == 5 * TINY.n_slices
+
+    base = read_model_info(tiny_model_path)
+    info = read_model_info(out)
+    assert info.version.startswith(f"{base.version}-distilled-") and len(info.version.rsplit("-", 1)[1]) == 8
+    prov = info.provenance
+    assert prov["method"] == "distillation" and prov["base_sha256"] == base.sha256
+    assert prov["base_version"] == base.version
+    assert prov["teacher_models"] == list(tiny_teacher.names) and prov["teacher_sha256"] == list(tiny_teacher.sha256)
+    assert prov["n_studies_train"] == 5 and prov["n_studies_held_out"] == 1 and prov["n_slices_train"] == 30
+    assert prov["epochs"] == 1 and prov["targets"] == "grown" and prov["date"]
+    agreement = json.loads(report.agreement_path.read_text())
+    assert report.agreement_path == tmp_path / "distilled.agreement.json"
+    for model in ("distilled", "base"):
+        rows = agreement[model]["studies"]
+        assert [r["study"] for r in rows] == list(report.held_out_studies)
+        assert 0.0 <= agreement[model]["mean_dice"] <= 1.0
+    cache = list((tmp_path / "teacher-labels").glob("study-*.npz"))
+    assert len(cache) == 6 and not list((tmp_path / "teacher-labels").glob("*.tmp*"))
+
+    # A rerun reuses every label: the teacher does not run again.
+    teacher_calls.clear()
+    again = distill(_config(site, tmp_path / "again.keras", tiny_model_path, tiny_teacher))
+    assert teacher_calls == [] and again.n_reused_labels == 6
+    assert again.held_out_studies == report.held_out_studies
+
+
+def test_an_interrupted_study_leaves_no_cache_file(
+    site: Path, tiny_teacher: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from worker.imaging.series_selection import SelectionRules
+    from worker.measure import teacher as teacher_module
+    from worker.research.teacher_labels import label_studies
+
+    studies = [site / "study-0", site / "study-1"]
+    calls = []
+
+    def interrupted(series: Any, teacher: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return teacher_module.TeacherPrediction(  # a plain prediction, fast
+            np.zeros((5, *series.hu.shape), np.float32), np.zeros(series.hu.shape, np.uint8), ("t",), ("0",)
+        )
+
+    monkeypatch.setattr(teacher_module, "predict_teacher", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        label_studies(studies, loader=lambda: tiny_teacher, cache_dir=tmp_path, rules=SelectionRules())
+    assert [p.name.split("-")[1] for p in tmp_path.iterdir()] == ["0"]  # study-0 complete, nothing of study-1
+
+
+def test_too_few_usable_studies_are_refused_in_one_line_and_nothing_is_written(
+    site: Path, tiny_model_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from worker import cli
+
+    few = tmp_path / "few"
+    few.mkdir()
+    for name in ("study-1", "study-2", "study-3", "study-4", "no-images"):
+        shutil.copytree(site / name, few / name)
+    out = tmp_path / "out" / "distilled.keras"
+    argv = ["adapt", "--teacher", "blast-ct", str(few), "--out", str(out), "--model", str(tiny_model_path)]
+    code = cli.main(argv)
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "at least 5 usable studies" in err and "has 4 of 5" in err
+    assert "Traceback" not in err and not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_the_command_prints_agreement_and_writes_weights_that_segment_loads(
+    site: Path,
+    tiny_model_path: Path,
+    tiny_teacher: Any,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from worker import cli
+    from worker.measure import teacher as teacher_module
+
+    monkeypatch.setattr(teacher_module, "load_teacher", lambda models=None, *, engine="auto": tiny_teacher)
+    out = tmp_path / "distilled.keras"
+    argv = ["adapt", "--teacher", "blast-ct", str(site), "--out", str(out), "--model", str(tiny_model_path)]
+    argv += ["--epochs", "1", "--steps-per-epoch", "1", "--synthetic-share", "0", "--targets", "soft"]
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "held-out agreement with the teacher (1 studies never trained on)" in printed
+    assert "skipped no-images" in printed and "distilled tiny-test-1 on 5 studies" in printed
+    assert read_model_info(out).provenance["synthetic_share"] == 0.0
+    result = tmp_path / "seg"
+    assert cli.main(["segment", str(site / "study-2"), "--out", str(result), "--model", str(out)]) == 0
+    assert json.loads((result / "result.json").read_text())["model"]["version"] == read_model_info(out).version
