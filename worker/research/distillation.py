@@ -321,7 +321,13 @@ def _fine_tune(model: Any, *, images: F32, targets: F32, bank: Any, config: Dist
     else:
         stream = site
     batches = finish_dataset(
-        stream, batch_size=config.batch_size, shuffle=False, augment=True, seed=config.seed, repeat=False, shuffle_buffer=1
+        stream,
+        batch_size=config.batch_size,
+        shuffle=False,
+        augment=True,
+        seed=config.seed,
+        repeat=False,
+        shuffle_buffer=1,
     )
     steps = config.steps_per_epoch or max(1, -(-round(len(images) / (1.0 - share)) // config.batch_size))
     model.compile(optimizer=keras.optimizers.Adam(learning_rate=config.learning_rate), loss=losses.bce_dice_loss)
@@ -368,21 +374,23 @@ def agreements(
     rows: dict[str, list[tuple[float, float, float]]] = {name: [] for name in models}
     for study in studies:
         series, hemorrhage = _series_and_label(study, rules, load_study)
-        geometry = {"pixel_spacing_mm": series.pixel_spacing_mm, "slab_thickness_mm": series.slab_thickness_mm}
+        spacing, slabs = series.pixel_spacing_mm, series.slab_thickness_mm
         teacher_mask = (hemorrhage >= TEACHER_THRESHOLD).astype(np.uint8)
-        teacher_ml = volume.planimetric_volume_ml(teacher_mask, **geometry)
+        teacher_ml = volume.planimetric_volume_ml(teacher_mask, pixel_spacing_mm=spacing, slab_thickness_mm=slabs)
         x, fit = preprocess.to_model_input(series.hu, size=info.input_size, window=info.hu_window)
         for name, predict in models.items():
             mask = postprocess.postprocess(
                 preprocess.to_native(predict(x), fit),
                 hu=series.hu,
+                pixel_spacing_mm=spacing,
+                slab_thickness_mm=slabs,
                 threshold=options.threshold,
                 min_component_ml=options.min_component_ml,
                 restrict_to_intracranial=options.intracranial_only,
                 growth=options.growth,
-                **geometry,
             )
-            rows[name].append((mask_dice(mask, teacher_mask), volume.planimetric_volume_ml(mask, **geometry), teacher_ml))
+            model_ml = volume.planimetric_volume_ml(mask, pixel_spacing_mm=spacing, slab_thickness_mm=slabs)
+            rows[name].append((mask_dice(mask, teacher_mask), model_ml, teacher_ml))
     names = tuple(s.name for s in studies)
     return {
         name: Agreement(names, tuple(r[0] for r in got), tuple(r[1] for r in got), tuple(r[2] for r in got))

@@ -42,8 +42,8 @@ from worker.research.adaptation import SkippedStudy
 
 __all__ = [
     "CACHE_FORMAT",
-    "Labelling",
     "LabelledStudy",
+    "Labelling",
     "TeacherIdentity",
     "TeacherSource",
     "cache_path",

@@ -57,7 +57,7 @@ def _standin_modules() -> tuple[types.ModuleType, types.ModuleType]:
         from worker.model import framework
 
         keras = framework.keras()
-        channels = max(2, int(round(30 * width)))
+        channels = max(2, round(30 * width))
         inputs = keras.Input((None, None, None, 1))
         hidden = keras.layers.Conv3D(channels, 3, padding="same", activation="relu")(inputs)
         outputs = keras.layers.Conv3D(5, 1, activation="softmax")(hidden)
@@ -84,11 +84,10 @@ except ImportError:
 @pytest.fixture(scope="session")
 def tiny_teacher() -> Any:
     """BLAST-CT at a small width wrapped in memory (random weights: plumbing, not accuracy)."""
-    from worker.measure.teacher import BlastCtTeacher
-    from worker.model import framework
-    from worker.model.blast_ct_net import build_blast_ct
+    from worker.measure import teacher
+    from worker.model import blast_ct_net, framework
 
     framework.keras().utils.set_random_seed(7)
-    model = build_blast_ct(width=0.1)
+    model = blast_ct_net.build_blast_ct(width=0.1)
     sha = hashlib.sha256(b"tiny-teacher-7").hexdigest()
-    return BlastCtTeacher.from_keras([model], ["tiny-blast-ct"], [sha])
+    return teacher.BlastCtTeacher.from_keras([model], ["tiny-blast-ct"], [sha])

@@ -1,4 +1,4 @@
-"""Distillation (ichvol adapt --teacher blast-ct): labels cached, held-out fifth kept out, provenance, refusals, the loss."""
+"""Distillation (ichvol adapt --teacher blast-ct): cached labels, a held-out fifth, provenance, refusals, the loss."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 from worker.model import preprocess
 from worker.model.weights import read_model_info
 from worker.research import distillation
-from worker.research.distillation import DistillConfig, distill, split_held_out
+from worker.research.distillation import split_held_out
 from worker.synth.phantom import LesionSpec, PhantomSpec, generate_study
 
 TINY = PhantomSpec(
@@ -52,20 +52,6 @@ def teacher_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
     monkeypatch.setattr(teacher_module, "predict_teacher", counting)
     return calls
-
-
-def _config(site: Path, out: Path, base: Path, teacher: Any, **changes: Any) -> DistillConfig:
-    values: dict[str, Any] = {
-        "studies_dir": site,
-        "out_path": out,
-        "teacher": lambda: teacher,
-        "base_model": base,
-        "epochs": 1,
-        "steps_per_epoch": 2,
-        "batch_size": 4,
-        "synthetic_samples": 8,
-    }
-    return DistillConfig(**(values | changes))
 
 
 # --- the soft-target loss: the project's BCE + Dice, by hand ----------------------------------
@@ -108,14 +94,19 @@ def test_the_held_out_fifth_is_fixed_by_the_names() -> None:
 
 
 @pytest.mark.slow
-def test_distillation_end_to_end_caches_labels_and_never_trains_on_the_held_out_fifth(
+def test_the_command_runs_end_to_end_and_never_trains_on_the_held_out_fifth(
     site: Path,
     tiny_model_path: Path,
     tiny_teacher: Any,
     teacher_calls: list[str],
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
+    from worker import cli
+    from worker.measure import teacher as teacher_module
+
+    monkeypatch.setattr(teacher_module, "load_teacher", lambda models=None, *, engine="auto": tiny_teacher)
     trained_on: list[str] = []
     site_slices = distillation._site_slices
 
@@ -125,14 +116,21 @@ def test_distillation_end_to_end_caches_labels_and_never_trains_on_the_held_out_
 
     monkeypatch.setattr(distillation, "_site_slices", spy)
     out = tmp_path / "distilled.keras"
-    report = distill(_config(site, out, tiny_model_path, tiny_teacher))
+    argv = ["adapt", "--teacher", "blast-ct", str(site), "--out", str(out), "--model", str(tiny_model_path)]
+    argv += ["--epochs", "1", "--steps-per-epoch", "2", "--synthetic-samples", "8"]
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert len(teacher_calls) == 6 and "6 studies (0 from the cache)" in printed
+    assert "held-out agreement with the teacher (1 studies never trained on)" in printed
+    assert "skipped no-images" in printed and "distilled tiny-test-1 on 5 studies (30 slices)" in printed
 
-    assert len(teacher_calls) == 6 and report.n_reused_labels == 0
-    assert [s.name for s in report.skipped] == ["no-images"]
-    assert len(report.held_out_studies) == 1 and len(report.train_studies) == 5
-    assert sorted(trained_on) == sorted(report.train_studies)
-    assert not set(trained_on) & set(report.held_out_studies)
-    assert report.n_train_slices == 5 * TINY.n_slices
+    agreement = json.loads((tmp_path / "distilled.agreement.json").read_text())
+    held_out = [r["study"] for r in agreement["distilled"]["studies"]]
+    assert len(held_out) == 1 and [r["study"] for r in agreement["base"]["studies"]] == held_out
+    assert held_out == list(split_held_out([f"study-{i}" for i in range(6)])[1])
+    assert sorted(trained_on) == sorted(f"study-{i}" for i in range(6) if f"study-{i}" not in held_out)
+    for model in ("distilled", "base"):
+        assert 0.0 <= agreement[model]["mean_dice"] <= 1.0
 
     base = read_model_info(tiny_model_path)
     info = read_model_info(out)
@@ -143,20 +141,33 @@ def test_distillation_end_to_end_caches_labels_and_never_trains_on_the_held_out_
     assert prov["teacher_models"] == list(tiny_teacher.names) and prov["teacher_sha256"] == list(tiny_teacher.sha256)
     assert prov["n_studies_train"] == 5 and prov["n_studies_held_out"] == 1 and prov["n_slices_train"] == 30
     assert prov["epochs"] == 1 and prov["targets"] == "grown" and prov["date"]
-    agreement = json.loads(report.agreement_path.read_text())
-    assert report.agreement_path == tmp_path / "distilled.agreement.json"
-    for model in ("distilled", "base"):
-        rows = agreement[model]["studies"]
-        assert [r["study"] for r in rows] == list(report.held_out_studies)
-        assert 0.0 <= agreement[model]["mean_dice"] <= 1.0
-    cache = list((tmp_path / "teacher-labels").glob("study-*.npz"))
-    assert len(cache) == 6 and not list((tmp_path / "teacher-labels").glob("*.tmp*"))
+    cache = tmp_path / "teacher-labels"
+    assert len(list(cache.glob("study-*.npz"))) == 6 and not list(cache.glob("*.tmp*"))
 
-    # A rerun reuses every label: the teacher does not run again.
+    result = tmp_path / "seg"
+    assert cli.main(["segment", str(site / "study-2"), "--out", str(result), "--model", str(out)]) == 0
+    assert json.loads((result / "result.json").read_text())["model"]["version"] == info.version
+
+
+def test_a_rerun_reuses_the_cached_labels_and_another_teacher_does_not(
+    site: Path, tiny_teacher: Any, teacher_calls: list[str], tmp_path: Path
+) -> None:
+    from worker.imaging.series_selection import SelectionRules
+    from worker.measure import teacher
+    from worker.research.teacher_labels import label_studies, read_label
+
+    studies = [site / "study-0", site / "study-1", site / "no-images"]
+    first = label_studies(studies, loader=lambda: tiny_teacher, cache_dir=tmp_path, rules=SelectionRules())
+    assert len(teacher_calls) == 2 and [s.name for s in first.skipped] == ["no-images"]
+    label = read_label(first.labelled[0].cache_file)
+    assert label.hemorrhage.dtype == np.float32 and label.hemorrhage.shape == (TINY.n_slices, 48, 48)
+    assert label.hemorrhage.min() >= 0.0 and label.hemorrhage.max() <= 1.0
     teacher_calls.clear()
-    again = distill(_config(site, tmp_path / "again.keras", tiny_model_path, tiny_teacher))
-    assert teacher_calls == [] and again.n_reused_labels == 6
-    assert again.held_out_studies == report.held_out_studies
+    again = label_studies(studies, loader=lambda: tiny_teacher, cache_dir=tmp_path, rules=SelectionRules())
+    assert teacher_calls == [] and again.n_reused == 2
+    other = teacher.BlastCtTeacher.from_keras(tiny_teacher.models, tiny_teacher.names, ("f" * 64,))
+    label_studies(studies[:1], loader=lambda: other, cache_dir=tmp_path, rules=SelectionRules())
+    assert len(teacher_calls) == 1  # new weights: labelled again
 
 
 def test_an_interrupted_study_leaves_no_cache_file(
@@ -198,29 +209,3 @@ def test_too_few_usable_studies_are_refused_in_one_line_and_nothing_is_written(
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "at least 5 usable studies" in err and "has 4 of 5" in err
     assert "Traceback" not in err and not (tmp_path / "out").exists()
-
-
-@pytest.mark.slow
-def test_the_command_prints_agreement_and_writes_weights_that_segment_loads(
-    site: Path,
-    tiny_model_path: Path,
-    tiny_teacher: Any,
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str],
-) -> None:
-    from worker import cli
-    from worker.measure import teacher as teacher_module
-
-    monkeypatch.setattr(teacher_module, "load_teacher", lambda models=None, *, engine="auto": tiny_teacher)
-    out = tmp_path / "distilled.keras"
-    argv = ["adapt", "--teacher", "blast-ct", str(site), "--out", str(out), "--model", str(tiny_model_path)]
-    argv += ["--epochs", "1", "--steps-per-epoch", "1", "--synthetic-share", "0", "--targets", "soft"]
-    assert cli.main(argv) == 0
-    printed = capsys.readouterr().out
-    assert "held-out agreement with the teacher (1 studies never trained on)" in printed
-    assert "skipped no-images" in printed and "distilled tiny-test-1 on 5 studies" in printed
-    assert read_model_info(out).provenance["synthetic_share"] == 0.0
-    result = tmp_path / "seg"
-    assert cli.main(["segment", str(site / "study-2"), "--out", str(result), "--model", str(out)]) == 0
-    assert json.loads((result / "result.json").read_text())["model"]["version"] == read_model_info(out).version
