@@ -44,7 +44,8 @@ import gzip
 import os
 import tempfile
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +63,8 @@ from worker.core.notices import DISCLAIMER
 
 __all__ = [
     "SEG_SERIES_DESCRIPTION",
+    "SegmentClass",
+    "write_class_seg",
     "write_mask_nifti",
     "write_mask_npz",
     "write_seg",
@@ -105,6 +108,16 @@ def _binary_uint8(mask: np.ndarray) -> MaskArray:
     return binary
 
 
+def _label_uint8(mask: np.ndarray) -> MaskArray:
+    if mask.ndim != 3:
+        raise ValueError(f"mask must have shape (slices, rows, columns), got shape {mask.shape}")
+    values = np.asarray(mask)
+    if values.size and (values.min() < 0 or values.max() > 255):
+        raise ValueError("a label map must hold values 0..255")
+    labelled: MaskArray = values.astype(np.uint8)
+    return labelled
+
+
 @contextlib.contextmanager
 def _atomic_path(path: Path) -> Iterator[Path]:
     """A temporary path beside ``path``, renamed onto it when the block succeeds."""
@@ -121,19 +134,27 @@ def _atomic_path(path: Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
-def write_mask_npz(path: Path, *, mask: np.ndarray, sop_instance_uids: Sequence[str]) -> None:
+def write_mask_npz(
+    path: Path, *, mask: np.ndarray, sop_instance_uids: Sequence[str], extra: Mapping[str, np.ndarray] | None = None
+) -> None:
     """Write ``mask.npz``: ``mask`` uint8 ``(slices, rows, columns)`` and ``sop_instance_uids``.
 
     ``sop_instance_uids[i]`` is the SOP Instance UID of slice ``i`` (sorted order).
+    ``extra``: more named arrays stored as given (``ichvol teacher``: ``labels``, the class of
+    every voxel, and ``hemorrhage_probability``); they may not be named ``mask`` or
+    ``sop_instance_uids``.
     """
     data = _binary_uint8(mask)
+    more = {str(k): np.asarray(v) for k, v in (extra or {}).items()}
+    if {"mask", "sop_instance_uids"} & set(more):
+        raise ValueError("extra arrays may not replace mask or sop_instance_uids")
     uids = [str(u) for u in sop_instance_uids]
     if len(uids) != data.shape[0]:
         raise ValueError(f"{len(uids)} SOP instance UIDs for a mask of {data.shape[0]} slices")
     uid_array = np.array(uids, dtype=f"<U{max((len(u) for u in uids), default=1)}")
     with _atomic_path(path) as tmp, tmp.open("wb") as fh:
         # A file object: numpy would append ".npz" to a path that lacks it.
-        np.savez_compressed(fh, mask=data, sop_instance_uids=uid_array)
+        np.savez_compressed(fh, mask=data, sop_instance_uids=uid_array, **more)  # type: ignore[arg-type]
 
 
 def _has_shear(affine: npt.NDArray[np.float64]) -> bool:
@@ -144,14 +165,17 @@ def _has_shear(affine: npt.NDArray[np.float64]) -> bool:
     return bool(np.max(np.abs(gram - np.eye(3))) > 1e-4)
 
 
-def write_mask_nifti(path: Path, *, mask: np.ndarray, affine: np.ndarray) -> None:
+def write_mask_nifti(
+    path: Path, *, mask: np.ndarray, affine: np.ndarray, labels: bool = False, description: str | None = None
+) -> None:
     """Write ``mask.nii.gz``: uint8 data ``(column, row, slice)`` with the 4x4 RAS ``affine``.
 
     ``mask`` is ``(slices, rows, columns)``; ``affine`` maps NIfTI ``(i, j, k)`` =
     (column, row, slice index) to RAS+ mm. sform code 1; qform code 1, or 0 where the
-    affine is sheared (gantry tilt; see the module docstring).
+    affine is sheared (gantry tilt; see the module docstring). ``labels``: keep the values
+    (a label map, 0..255) instead of 0/1; ``description``: the header's descrip (80 bytes).
     """
-    data = _binary_uint8(mask)
+    data = _binary_uint8(mask) if not labels else _label_uint8(mask)
     matrix = np.asarray(affine, dtype=np.float64)
     if matrix.shape != (4, 4) or not np.all(np.isfinite(matrix)):
         raise ValueError(f"affine must be a finite 4x4 matrix, got shape {matrix.shape}")
@@ -168,7 +192,8 @@ def write_mask_nifti(path: Path, *, mask: np.ndarray, affine: np.ndarray) -> Non
     # set_qform silently keeps the nearest rotation of a sheared matrix: mark it unusable there.
     image.set_qform(matrix, code=0 if _has_shear(matrix) else 1)
     image.header.set_xyzt_units(xyz="mm")
-    image.header["descrip"] = np.bytes_(b"ichvol hematoma mask; research use only")
+    text = description or "ichvol hematoma mask; research use only"
+    image.header["descrip"] = np.bytes_(text.encode("ascii", "replace")[:79])
     # gzip with a fixed timestamp: identical masks give identical files.
     payload = gzip.compress(image.to_bytes(), compresslevel=6, mtime=0)
     with _atomic_path(path) as tmp:
@@ -234,6 +259,15 @@ def _plane_position(ds: pydicom.Dataset) -> hd.PlanePositionSequence:
     )
 
 
+@dataclass(frozen=True)
+class SegmentClass:
+    """One segment of a multi-class SEG: the label value it covers, its label and SNOMED type."""
+
+    value: int
+    label: str
+    property_type: Any  # a pydicom/highdicom Code (SCT)
+
+
 def write_seg(
     path: Path,
     *,
@@ -250,7 +284,64 @@ def write_seg(
     ``model_name``/``model_version`` go into the segment's AlgorithmIdentificationSequence.
     Raises :class:`StudyError` where the CT headers lack what a SEG needs.
     """
-    data = _binary_uint8(mask)
+    _write_seg(
+        path,
+        labels=_binary_uint8(mask),
+        classes=(SegmentClass(1, SEGMENT_LABEL, codes.SCT.Hematoma),),
+        source_images=source_images,
+        model_name=model_name,
+        model_version=model_version,
+        series_number=series_number,
+        series_description=SEG_SERIES_DESCRIPTION,
+    )
+
+
+def write_class_seg(
+    path: Path,
+    *,
+    labels: np.ndarray,
+    classes: Sequence[SegmentClass],
+    source_images: Sequence[pydicom.Dataset],
+    model_name: str,
+    model_version: str,
+    series_number: int = 902,
+    series_description: str = SEG_SERIES_DESCRIPTION,
+) -> None:
+    """Write a label map as a binary DICOM SEG with one segment per class (``ichvol teacher``).
+
+    ``labels``: ``(slices, rows, columns)`` integer classes; every value that is not the
+    ``value`` of one of ``classes`` counts as background. Segment ``i + 1`` is ``classes[i]``.
+    Otherwise as :func:`write_seg`.
+    """
+    values = _label_uint8(labels)
+    numbered = np.zeros_like(values)
+    for number, cls in enumerate(classes, start=1):
+        numbered[values == cls.value] = number
+    _write_seg(
+        path,
+        labels=numbered,
+        classes=classes,
+        source_images=source_images,
+        model_name=model_name,
+        model_version=model_version,
+        series_number=series_number,
+        series_description=series_description,
+    )
+
+
+def _write_seg(
+    path: Path,
+    *,
+    labels: MaskArray,
+    classes: Sequence[SegmentClass],
+    source_images: Sequence[pydicom.Dataset],
+    model_name: str,
+    model_version: str,
+    series_number: int,
+    series_description: str,
+) -> None:
+    """``labels`` holds segment numbers (0: none, ``i + 1``: ``classes[i]``)."""
+    data = labels
     _check_source_images(source_images, data)
     sources = [_with_type2_attributes(source_images[0]), *source_images[1:]]
     any_hematoma = bool(data.any())
@@ -259,15 +350,18 @@ def write_seg(
         version=model_version,
         family=codes.cid7162.ArtificialIntelligence,
     )
-    segment = hd.seg.SegmentDescription(
-        segment_number=1,
-        segment_label=SEGMENT_LABEL,
-        segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
-        segmented_property_type=codes.SCT.Hematoma,
-        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
-        algorithm_identification=algorithm,
-        anatomic_regions=[codes.SCT.Brain],
-    )
+    segments = [
+        hd.seg.SegmentDescription(
+            segment_number=number,
+            segment_label=cls.label,
+            segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
+            segmented_property_type=cls.property_type,
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+            algorithm_identification=algorithm,
+            anatomic_regions=[codes.SCT.Brain],
+        )
+        for number, cls in enumerate(classes, start=1)
+    ]
     try:
         with warnings.catch_warnings():
             # Anonymised exports often hold single-component names ("ANONYMOUS"); highdicom
@@ -277,7 +371,7 @@ def write_seg(
                 source_images=sources,
                 pixel_array=data if any_hematoma else data[:1],
                 segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-                segment_descriptions=[segment],
+                segment_descriptions=segments,
                 series_instance_uid=hd.UID(),
                 series_number=series_number,
                 sop_instance_uid=hd.UID(),
@@ -297,6 +391,6 @@ def write_seg(
             f"The DICOM segmentation could not be built from this series' headers ({exc}); "
             "check the series' geometry tags.",
         ) from exc
-    seg.SeriesDescription = SEG_SERIES_DESCRIPTION
+    seg.SeriesDescription = series_description
     with _atomic_path(path) as tmp:
         seg.save_as(tmp, enforce_file_format=True)
