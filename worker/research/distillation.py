@@ -337,7 +337,7 @@ def _fine_tune(model: Any, *, images: F32, targets: F32, bank: Any, config: Dist
     return steps, [float(v) for v in history.history.get("loss", [])]
 
 
-def _predictor(model: Any) -> Callable[[F32], F32]:
+def keras_predictor(model: Any) -> Callable[[F32], F32]:
     from worker.model import framework
 
     tf = framework.tf()
@@ -441,7 +441,7 @@ def distill(config: DistillConfig) -> DistillationReport:
     steps, epoch_losses = _fine_tune(model, images=images, targets=targets, bank=bank, config=config)
     recalibrate_batchnorm(model, adabn_batches(images, seed=config.seed))
     scores = agreements(
-        {"distilled": _predictor(model), "base": _predictor(load_keras_model(base_path))},
+        {"distilled": keras_predictor(model), "base": keras_predictor(load_keras_model(base_path))},
         held,
         info=base,
         rules=config.rules,

@@ -210,3 +210,29 @@ def test_too_few_usable_studies_are_refused_in_one_line_and_nothing_is_written(
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "at least 5 usable studies" in err and "has 4 of 5" in err
     assert "Traceback" not in err and not (tmp_path / "out").exists()
+
+
+def _spawned_tiny_teacher() -> Any:
+    """The tiny teacher built inside a labelling process (module level: the spawned pool imports it)."""
+    import hashlib
+
+    from worker.measure.teacher import BlastCtTeacher
+    from worker.model import framework
+    from worker.model.blast_ct_net import build_blast_ct
+
+    framework.keras().utils.set_random_seed(7)
+    sha = hashlib.sha256(b"tiny-teacher-7").hexdigest()
+    return BlastCtTeacher.from_keras([build_blast_ct(0.1, input_size=140)], ["tiny-blast-ct"], [sha])
+
+
+@pytest.mark.slow
+def test_labelling_in_a_pool_builds_the_teacher_in_each_process(site: Path, tmp_path: Path) -> None:
+    from worker.imaging.series_selection import SelectionRules
+    from worker.research.teacher_labels import label_studies, read_label
+
+    studies = [site / "study-0", site / "study-1", site / "no-images"]
+    done = label_studies(studies, loader=_spawned_tiny_teacher, cache_dir=tmp_path, rules=SelectionRules(), workers=2)
+    assert done.teacher.names == ("tiny-blast-ct",) and [s.name for s in done.skipped] == ["no-images"]
+    assert [s.name for s in done.labelled] == ["study-0", "study-1"] and done.n_reused == 0
+    for study in done.labelled:
+        assert read_label(study.cache_file).hemorrhage.shape == (TINY.n_slices, 48, 48)
