@@ -116,6 +116,7 @@ class DistillConfig:
     background_ct: Path | None = None  # a bleed-free real head CT for the synthetic bank (optional)
     targets: str = "grown"
     workers: int = 1
+    adabn: bool = True  # recompute BatchNorm statistics on the site's training slices after fine-tuning
     seed: int = 0
     min_studies: int = MIN_STUDIES
     rules: SelectionRules = field(default_factory=SelectionRules)
@@ -400,6 +401,7 @@ def agreements(
 
 def _version(base: ModelInfo, teacher: TeacherIdentity, uids: Sequence[str], config: DistillConfig) -> str:
     recipe = [config.targets, config.epochs, config.synthetic_share, config.synthetic_samples, config.seed]
+    recipe += [] if config.adabn else ["no-adabn"]
     text = "\n".join([base.sha256, *teacher.sha256, *sorted(uids), json.dumps(recipe)])
     return f"{base.version}-distilled-{hashlib.sha256(text.encode()).hexdigest()[:8]}"
 
@@ -439,7 +441,8 @@ def distill(config: DistillConfig) -> DistillationReport:
     images, targets, uids = _site_slices(train, info=base, config=config)
     model = load_keras_model(base_path)
     steps, epoch_losses = _fine_tune(model, images=images, targets=targets, bank=bank, config=config)
-    recalibrate_batchnorm(model, adabn_batches(images, seed=config.seed))
+    if config.adabn:
+        recalibrate_batchnorm(model, adabn_batches(images, seed=config.seed))
     scores = agreements(
         {"distilled": keras_predictor(model), "base": keras_predictor(load_keras_model(base_path))},
         held,
@@ -456,6 +459,7 @@ def distill(config: DistillConfig) -> DistillationReport:
         "teacher_models": list(labelling.teacher.names),
         "teacher_sha256": list(labelling.teacher.sha256),
         "targets": config.targets,
+        "adabn": config.adabn,
         "n_studies_train": len(train),
         "n_slices_train": len(images),
         "n_studies_held_out": len(held),
@@ -478,7 +482,8 @@ def distill(config: DistillConfig) -> DistillationReport:
         training_data=(
             f"{base.training_data}; then distilled from the BLAST-CT teacher ({len(labelling.teacher.names)} models, "
             f"{config.targets} targets) on {len(train)} unlabelled site studies ({len(images)} slices), mixed with "
-            f"synthetic samples at share {provenance['synthetic_share']}, BatchNorm statistics recomputed (AdaBN)"
+            f"synthetic samples at share {provenance['synthetic_share']}"
+            + (", BatchNorm statistics recomputed (AdaBN)" if config.adabn else "")
         ),
         provenance=provenance,
     )

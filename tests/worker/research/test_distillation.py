@@ -141,7 +141,7 @@ def test_the_command_runs_end_to_end_and_never_trains_on_the_held_out_fifth(
     assert prov["base_version"] == base.version
     assert prov["teacher_models"] == list(tiny_teacher.names) and prov["teacher_sha256"] == list(tiny_teacher.sha256)
     assert prov["n_studies_train"] == 5 and prov["n_studies_held_out"] == 1 and prov["n_slices_train"] == 30
-    assert prov["epochs"] == 1 and prov["targets"] == "grown" and prov["date"]
+    assert prov["epochs"] == 1 and prov["targets"] == "grown" and prov["adabn"] is True and prov["date"]
     cache = tmp_path / "teacher-labels"
     assert len(list(cache.glob("study-*.npz"))) == 6 and not list(cache.glob("*.tmp*"))
 

@@ -34,6 +34,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     d.add_argument("--synthetic-samples", type=int, default=2000, help="size of the synthetic bank (default 2000)")
     d.add_argument("--background-ct", type=Path, help="a bleed-free real head CT for the synthetic bank")
     d.add_argument("--targets", choices=("soft", "grown"), default="grown", help="distillation targets (default grown)")
+    d.add_argument("--no-adabn", action="store_true", help="keep the fine-tuned BatchNorm statistics (no AdaBN)")
     d.add_argument("--steps-per-epoch", type=int, help="default: the site's training slices once an epoch")
 
 
@@ -84,6 +85,7 @@ def _distil(args: argparse.Namespace, settings: Settings, base: Path | None) -> 
             background_ct=args.background_ct,
             targets=args.targets,
             workers=args.workers,
+            adabn=not args.no_adabn,
             rules=options.rules,
             options=options,
             progress=True,
