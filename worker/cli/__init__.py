@@ -38,6 +38,7 @@ COMMANDS = {
     "predict-images": "masks and overlays for windowed 8-bit slice images (PNG/JPEG)",
     "evaluate-images": "score a model on 8-bit slice images against reference masks (the real-image yardstick)",
     "adapt": "adapt a model to a site's own unlabelled studies (AdaBN; --teacher blast-ct: distillation)",
+    "teacher": "the BLAST-CT teacher (4 lesion classes) on one study: segment's outputs, per-class volumes",
     "trends": "hematoma volume timelines and expansion (from the database)",
     "redeliver": "send stored results to the PACS again (failed, pending or missing)",
     "model-info": "print a weights file's metadata (no TensorFlow needed)",
@@ -45,7 +46,7 @@ COMMANDS = {
 }
 
 #: Commands that make and score models: modules in ``worker/cli/research/``.
-RESEARCH_COMMANDS = {"phantom", "train", "dataset", "evaluate", "evaluate-images", "adapt"}
+RESEARCH_COMMANDS = {"phantom", "train", "dataset", "evaluate", "evaluate-images", "adapt", "teacher"}
 
 #: Services log at the configured level; interactive commands print their own summary.
 SERVICE_COMMANDS = {"scheduler", "train", "pacs-poll"}

@@ -9,14 +9,15 @@ What :func:`predict_teacher` does, step by step, as the BLAST-CT inference does 
    only permutes and flips the image's own axes; an oblique or tilted series is resampled
    along its own axes, not onto the patient axes.
 2. **1 mm isotropic** (linear interpolation along each axis, origin on the first voxel,
-   ``round(extent / 1 mm) + 1`` voxels per axis; outside values: the image minimum).
+   ``round(extent / 1 mm + 1)`` voxels per axis, as theirs; outside values: the image minimum).
    Uneven slice gaps are honoured (the real slice positions are interpolated).
 3. **Window** [-15, 100] HU clipped and scaled linearly to [-1, 1].
 4. **Tiles**: their inference cuts the volume into 30^3 output tiles on a grid starting at
    voxel 0 and gives each a 110^3 input patch centred on it, padded by repeating the edge
-   voxel. The network is fully convolutional and its subsampling factors (5 and 3) divide 30,
-   so a larger input patch ``30 k + 80`` gives exactly the same numbers on ``30 k`` output
-   voxels as ``k^3`` separate patches, with far less overlap: :data:`TILE` sets ``k``.
+   voxel. The network is fully convolutional and its subsampling factors (5 and 3) divide 15,
+   so a larger input patch ``15 k + 80`` gives exactly the same numbers on ``15 k`` output
+   voxels (tested). :data:`TILE` is their 30: on the GE scan 60 and 90 were no faster
+   (measured in docs/performance.md), and 30 keeps a model call under 200 MB.
 5. **Softmax** per model, averaged over the models of the ensemble (their ensemble averages
    probabilities); the class is the argmax.
 6. **Back to the native grid**: labels by nearest neighbour (as their saver does);
@@ -25,7 +26,8 @@ What :func:`predict_teacher` does, step by step, as the BLAST-CT inference does 
 
 Denormal floats stall the CPU in this network (about 90 minutes a scan in PyTorch without
 flushing them). TensorFlow's CPU kernels run with flush-to-zero and denormals-are-zero set,
-so the float32 engine is not affected; the bfloat16 engine has no denormals to speak of.
+so the float32 engine is not affected (191 s a scan, measured), nor is bfloat16 (147 s); the
+ONNX Runtime session sets ``session.set_denormal_as_zero`` (:mod:`worker.model.blast_ct_onnx`).
 
 Research use only, not for clinical use.
 """
@@ -42,7 +44,7 @@ import numpy as np
 import numpy.typing as npt
 
 from worker.core.ct import CtSeries
-from worker.core.errors import ModelFileError
+from worker.core.errors import ConfigurationError, ModelFileError
 from worker.measure.teacher_grid import ReorientedGrid, to_native, to_reoriented_1mm
 from worker.model import framework
 from worker.model.blast_ct_net import (
@@ -63,8 +65,8 @@ HEMORRHAGE_CLASSES = (1, 2, 4)
 HU_WINDOW = (-15.0, 100.0)
 MARGIN = 40
 """Input voxels the network needs on each side of its output: (110 - 30) / 2."""
-TILE = 60
-"""Output edge of one model call (a multiple of 30): input patches of ``TILE + 80`` voxels."""
+TILE = 30
+"""Output edge of one model call (a multiple of 15): input patches of ``TILE + 80`` voxels."""
 DEFAULT_MODELS = ("model_1",)
 
 
@@ -99,9 +101,10 @@ class BlastCtTeacher:
     """Built BLAST-CT Keras models (an ensemble of one or more) and how to run them.
 
     ``models``: Keras models from :func:`worker.model.blast_ct_net.build_blast_ct` (any width,
-    any input size whose output is a multiple of 30 voxels... or smaller for tiny test nets:
-    the tile edge is read from the model). ``names`` and ``sha256`` say which weights they hold.
-    ``dtype``: ``"float32"`` or ``"bfloat16"`` (the compute type the models were built with).
+    any input size; the output edge is read from the model and is exact against their 30^3 tiles
+    when it is a multiple of 15). ``names`` and ``sha256`` say which weights they hold.
+    ``models`` may also be :class:`worker.model.blast_ct_onnx.OnnxBlastCt` runners. ``engine``
+    names how they run (``float32``, ``bfloat16`` or ``onnx``; recorded in result.json).
     """
 
     def __init__(
@@ -125,18 +128,21 @@ class BlastCtTeacher:
         return cls(models, names, sha256)
 
     def _functions(self) -> list[Any]:
+        """One callable per model: ``(1, S, S, S, 1)`` float32 -> ``(1, O, O, O, 5)`` float32 probabilities."""
         if not self._fns:
-            tf = framework.tf()
-            size = self.input_size
-            spec = tf.TensorSpec((1, size, size, size, 1), tf.float32)
             for model in self._models:
-                self._fns.append(
-                    tf.function(
-                        lambda x, m=model: tf.cast(m(x, training=False), tf.float32),
-                        input_signature=[spec],
-                        autograph=False,
-                    )
+                if hasattr(model, "predict_patch"):  # an ONNX Runtime model (worker.model.blast_ct_onnx)
+                    self._fns.append(model.predict_patch)
+                    continue
+                tf = framework.tf()
+                size = self.input_size
+                spec = tf.TensorSpec((1, size, size, size, 1), tf.float32)
+                fn = tf.function(
+                    lambda x, m=model, t=tf: t.cast(m(x, training=False), t.float32),
+                    input_signature=[spec],
+                    autograph=False,
                 )
+                self._fns.append(lambda x, f=fn: f(x).numpy())
         return self._fns
 
     def predict_volume(self, volume: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
@@ -160,7 +166,7 @@ class BlastCtTeacher:
                     x = patch[None, ..., None]
                     acc = np.zeros((t, t, t, len(BLAST_CT_CLASSES)), dtype=np.float32)
                     for fn in fns:
-                        acc += fn(x).numpy()[0]
+                        acc += fn(x)[0]
                     out[:, i * t : (i + 1) * t, j * t : (j + 1) * t, k * t : (k + 1) * t] = np.moveaxis(acc, -1, 0)
         out /= len(fns)
         return np.ascontiguousarray(out[:, : shape[0], : shape[1], : shape[2]])
@@ -195,36 +201,49 @@ def predict_teacher(series: CtSeries, teacher: BlastCtTeacher) -> TeacherPredict
 
 
 def teacher_engine(engine: str) -> str:
-    """The compute type for the project's engine name: ``bfloat16`` where ``auto``/``folded-bf16`` pick it.
+    """How the teacher runs for the project's engine name (``ICHVOL_INFERENCE_ENGINE``, ``--engine``).
 
-    ``folded``, ``keras`` and ``onnx`` run float32 in TensorFlow (there is no ONNX export of
-    the 3-D network yet).
+    ``bfloat16``: TensorFlow with bfloat16 compute, where :func:`worker.model.engines.resolve_engine`
+    picks ``folded-bf16`` (``auto`` on a CPU with bfloat16 units, or asked for); ``onnx``: ONNX
+    Runtime float32, only when asked for by name (on the AMD EPYC Zen 4 it took 0.85 s a patch
+    against TensorFlow's 0.37 s float32, so ``auto`` does not choose it for this 3-D network);
+    ``float32``: TensorFlow float32 otherwise. Unknown names raise ConfigurationError.
     """
     from worker.model.engines import resolve_engine
 
     try:
         concrete = resolve_engine(engine)
     except ValueError as exc:
-        raise ModelFileError(str(exc)) from None
-    return "bfloat16" if concrete == "folded-bf16" else "float32"
+        raise ConfigurationError(str(exc)) from None
+    if concrete == "folded-bf16":
+        return "bfloat16"
+    if engine.strip().lower() == "onnx":
+        return "onnx"
+    return "float32"
 
 
-def load_teacher(models: Sequence[str] | None = None, *, engine: str = "auto") -> BlastCtTeacher:
+def load_teacher(models: Sequence[str] | None = None, *, engine: str = "auto", threads: int = 0) -> BlastCtTeacher:
     """The shipped BLAST-CT models named in ``models`` (default :data:`DEFAULT_MODELS`), sha256-checked.
 
-    Raises :class:`worker.core.errors.ModelFileError` for an unknown model name or weights
-    that fail their checksum.
+    ``engine``: a project engine name (:func:`teacher_engine` says how it maps); ``threads``:
+    ONNX Runtime intra-op threads (0: all cores). Raises :class:`worker.core.errors.ModelFileError`
+    for an unknown model name or weights that fail their checksum.
     """
     shipped = {w.name: w for w in shipped_blast_ct()}
     wanted = tuple(models) if models else DEFAULT_MODELS
     unknown = [name for name in wanted if name not in shipped]
     if unknown:
         raise ModelFileError(f"no shipped BLAST-CT model {unknown[0]!r}; shipped: {', '.join(sorted(shipped))}")
-    dtype = teacher_engine(engine)
-    built = []
+    kind = teacher_engine(engine)
+    built: list[Any] = []
     for name in wanted:
         arrays = read_blast_ct_arrays(shipped[name])
-        model = build_blast_ct(input_size=TILE + 2 * MARGIN, dtype=dtype)
+        if kind == "onnx":
+            from worker.model.blast_ct_onnx import OnnxBlastCt
+
+            built.append(OnnxBlastCt(arrays, input_size=TILE + 2 * MARGIN, threads=threads))
+            continue
+        model = build_blast_ct(input_size=TILE + 2 * MARGIN, dtype=kind)
         set_blast_ct_weights(model, arrays)
         built.append(model)
-    return BlastCtTeacher(built, wanted, [shipped[n].sha256 for n in wanted], engine=dtype)
+    return BlastCtTeacher(built, wanted, [shipped[n].sha256 for n in wanted], engine=kind)

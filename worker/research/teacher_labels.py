@@ -76,15 +76,16 @@ class TeacherIdentity:
 @dataclass(frozen=True)
 class TeacherSource:
     """The shipped BLAST-CT teacher as a picklable loader: ``models`` (None: the default
-    ensemble) and ``engine`` as :func:`worker.measure.teacher.load_teacher` takes them."""
+    ensemble), ``engine`` and ``threads`` as :func:`worker.measure.teacher.load_teacher` takes them."""
 
     models: tuple[str, ...] | None = None
     engine: str = "auto"
+    threads: int = 0  # per labelling process; 0: the engine's default (every core)
 
     def __call__(self) -> Teacher:
         from worker.measure.teacher import load_teacher
 
-        return load_teacher(list(self.models) if self.models else None, engine=self.engine)
+        return load_teacher(list(self.models) if self.models else None, engine=self.engine, threads=self.threads)
 
 
 @dataclass(frozen=True)

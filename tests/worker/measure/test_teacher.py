@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -102,3 +104,27 @@ def test_predict_teacher_on_the_native_grid() -> None:
 def test_unknown_model_is_refused() -> None:
     with pytest.raises(ModelFileError, match="no shipped BLAST-CT model"):
         load_teacher(["model_99"])
+
+
+def test_engine_names_map_to_how_the_teacher_runs() -> None:
+    from worker.core.errors import ConfigurationError
+    from worker.measure.teacher import teacher_engine
+
+    assert teacher_engine("folded") == "float32"
+    assert teacher_engine("keras") == "float32"
+    assert teacher_engine("onnx") == "onnx"
+    assert teacher_engine("auto") in ("bfloat16", "float32")
+    with pytest.raises(ConfigurationError, match="ICHVOL_INFERENCE_ENGINE"):
+        teacher_engine("warp")
+
+
+@pytest.mark.slow
+@pytest.mark.realdata
+def test_shipped_teacher_on_the_real_ge_scan_marks_under_1_ml(real_ge_ct: Path, tmp_path: Path) -> None:
+    """The real GE head CT has no hemorrhage: model_1 marked 0.97 mL (bfloat16), 0.99 mL (float32). ~3 min."""
+    from worker.measure.teacher_study import teacher_study
+
+    result = teacher_study(study_dir=real_ge_ct, out_dir=tmp_path, teacher=lambda: load_teacher(["model_1"]))
+    assert result["status"] == "ok"
+    assert result["hemorrhage_ml"] < 1.0
+    assert result["volumes_ml"]["IPH"] < 0.1 and result["volumes_ml"]["IVH"] < 0.1

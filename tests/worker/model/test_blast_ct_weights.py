@@ -78,3 +78,17 @@ def test_bfloat16_build_gives_float32_probabilities() -> None:
     p = model(np.zeros((1, 85, 85, 85, 1), np.float32), training=False).numpy()
     assert p.dtype == np.float32
     np.testing.assert_allclose(p.sum(axis=-1), 1.0, atol=1e-3)
+
+
+def test_onnx_graph_matches_keras_on_the_shipped_model() -> None:
+    pytest.importorskip("onnxruntime", reason="the onnx engine needs the 'fast' extra")
+    from worker.model.blast_ct_onnx import OnnxBlastCt
+
+    arrays = read_blast_ct_arrays(shipped_blast_ct()[0])
+    keras_model = build_blast_ct(input_size=95)  # 15^3 out: the upsampled pathways are cropped
+    set_blast_ct_weights(keras_model, arrays)
+    x = np.random.default_rng(4).uniform(-1, 1, (1, 95, 95, 95, 1)).astype(np.float32)
+    expected = keras_model(x, training=False).numpy()
+    got = OnnxBlastCt(arrays, input_size=95, threads=1).predict_patch(x)
+    assert got.shape == expected.shape == (1, 15, 15, 15, 5)
+    np.testing.assert_allclose(got, expected, atol=1e-5)

@@ -107,7 +107,7 @@ def test_the_command_runs_end_to_end_and_never_trains_on_the_held_out_fifth(
     from worker import cli
     from worker.measure import teacher as teacher_module
 
-    monkeypatch.setattr(teacher_module, "load_teacher", lambda models=None, *, engine="auto": tiny_teacher)
+    monkeypatch.setattr(teacher_module, "load_teacher", lambda models=None, *, engine="auto", threads=0: tiny_teacher)
     trained_on: list[str] = []
     site_slices = distillation._site_slices
 

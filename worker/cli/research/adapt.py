@@ -65,6 +65,15 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _threads_per_worker(configured: int, workers: int) -> int:
+    """The teacher's threads in each labelling process: the setting, else the cores shared out."""
+    import os
+
+    if configured > 0 or workers <= 1:
+        return configured
+    return max(1, (os.cpu_count() or 1) // workers)
+
+
 def _distil(args: argparse.Namespace, settings: Settings, base: Path | None) -> int:
     from worker.measure.pipeline import SegmentationOptions
     from worker.research.distillation import DistillConfig, distill
@@ -75,7 +84,10 @@ def _distil(args: argparse.Namespace, settings: Settings, base: Path | None) -> 
         DistillConfig(
             studies_dir=args.studies,
             out_path=args.out,
-            teacher=TeacherSource(tuple(args.teacher_models) if args.teacher_models else None),
+            teacher=TeacherSource(
+                tuple(args.teacher_models) if args.teacher_models else None,
+                threads=_threads_per_worker(settings.inference_threads, args.workers),
+            ),
             base_model=base,
             cache_dir=args.cache,
             epochs=args.epochs,
