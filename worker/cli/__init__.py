@@ -37,7 +37,7 @@ COMMANDS = {
     "evaluate": "the paper's metrics and figures on studies with ground truth (HTML report)",
     "predict-images": "masks and overlays for windowed 8-bit slice images (PNG/JPEG)",
     "evaluate-images": "score a model on 8-bit slice images against reference masks (the real-image yardstick)",
-    "adapt": "adapt a model's BatchNorm statistics to a site's own unlabelled studies (AdaBN)",
+    "adapt": "adapt a model to a site's own unlabelled studies (AdaBN; --teacher blast-ct: distillation)",
     "teacher": "the BLAST-CT teacher (4 lesion classes) on one study: segment's outputs, per-class volumes",
     "trends": "hematoma volume timelines and expansion (from the database)",
     "redeliver": "send stored results to the PACS again (failed, pending or missing)",

@@ -101,3 +101,18 @@ def mask_to_model(mask: npt.NDArray[np.integer], fit: Fit) -> npt.NDArray[np.uin
     padded = np.zeros((n, fit.side, fit.side), dtype=np.float32)
     padded[:, fit.pad_top : fit.pad_top + fit.rows, fit.pad_left : fit.pad_left + fit.columns] = mask > 0
     return (_resize(padded, fit.size) >= 0.5).astype(np.uint8)
+
+
+def soft_to_model(probabilities: npt.NDArray[np.floating], fit: Fit) -> F32:
+    """Native probabilities ``(n, rows, columns)`` in [0, 1] -> ``(n, size, size)`` float32, for soft targets.
+
+    Pads with 0 like :func:`to_model_input` pads with air, then resizes by area (linear when
+    growing), so each target pixel is the mean probability of the native pixels the model
+    pixel covers: the same footprint as the input pixel it is paired with.
+    """
+    n = probabilities.shape[0]
+    if probabilities.shape[1:] != (fit.rows, fit.columns):
+        raise ValueError(f"probabilities {probabilities.shape} do not match the fit ({fit.rows}, {fit.columns})")
+    padded = np.zeros((n, fit.side, fit.side), dtype=np.float32)
+    padded[:, fit.pad_top : fit.pad_top + fit.rows, fit.pad_left : fit.pad_left + fit.columns] = probabilities
+    return np.clip(_resize(padded, fit.size), 0.0, 1.0)

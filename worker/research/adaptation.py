@@ -48,6 +48,7 @@ __all__ = [
     "MIN_STUDIES",
     "AdaptationReport",
     "SkippedStudy",
+    "adabn_batches",
     "adapt_model",
     "batchnorm_statistics",
     "blend_batchnorm_statistics",
@@ -135,6 +136,18 @@ def collect_site_slices(
     size = info.input_size
     stacked = np.concatenate(images) if images else np.zeros((0, size, size), np.float32)
     return SiteSlices(stacked, tuple(used), tuple(uids), tuple(skipped))
+
+
+def adabn_batches(images: F32, *, seed: int) -> list[F32]:
+    """Model-ready slices ``(n, S, S)`` as shuffled batches ``(b, S, S, 1)`` of :data:`BATCH_SIZE`
+    for :func:`worker.research.training.recalibrate_batchnorm` (a last batch of one is left
+    out: it has no variance)."""
+    order = np.random.default_rng(seed).permutation(len(images))
+    return [
+        images[order[i : i + BATCH_SIZE], ..., None]
+        for i in range(0, len(order), BATCH_SIZE)
+        if len(order[i : i + BATCH_SIZE]) >= 2
+    ]
 
 
 def batchnorm_statistics(model: object) -> list[tuple[F32, F32]]:
@@ -227,14 +240,8 @@ def adapt_model(
     from worker.research.training import recalibrate_batchnorm
 
     model = load_keras_model(base_path)
-    order = np.random.default_rng(seed).permutation(len(site.images))
-    batches = [
-        site.images[order[i : i + BATCH_SIZE], ..., None]
-        for i in range(0, len(order), BATCH_SIZE)
-        if len(order[i : i + BATCH_SIZE]) >= 2  # a batch of one has no variance
-    ]
     source = batchnorm_statistics(model)
-    recalibrate_batchnorm(model, batches)
+    recalibrate_batchnorm(model, adabn_batches(site.images, seed=seed))
     if site_share < 1.0:
         blend_batchnorm_statistics(model, source, site_share)
     now = datetime.now(UTC).isoformat(timespec="seconds")
