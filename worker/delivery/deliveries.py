@@ -48,7 +48,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from worker.core.errors import ConfigurationError, TransientError
@@ -262,23 +262,23 @@ class Predecessor:
 def find_predecessor(session: Session, *, run: Run, result: Result) -> Predecessor | None:
     """The SR that ``result``'s SR replaces, if any.
 
-    Among the earlier results (by ``created_at``, then id) of studies with the same
-    StudyInstanceUID, the latest whose SR was sent (a ``sent`` delivery listing an ``sr``
-    instance). A study without a StudyInstanceUID has none.
+    Among the earlier results (by id: ids grow in the order results are written) of studies
+    with the same StudyInstanceUID, the latest whose SR was sent (a ``sent`` delivery listing
+    an ``sr`` instance). A study without a StudyInstanceUID has none. Not by ``created_at``:
+    SQLite's server default has whole seconds and compares as text against the microseconds
+    of a bound value, so two results in one second came out both "earlier" than each other.
     """
     study_uid = session.scalar(select(Study.study_instance_uid).where(Study.id == run.study_id))
     if not study_uid:
         return None
-    earlier = or_(
-        Result.created_at < result.created_at, and_(Result.created_at == result.created_at, Result.id < result.id)
-    )
+    earlier = Result.id < result.id
     rows = session.execute(
         select(Delivery.id, Delivery.target, Delivery.instances, Delivery.result_id)
         .join(Result, Result.id == Delivery.result_id)
         .join(Run, Run.id == Delivery.run_id)
         .join(Study, Study.id == Run.study_id)
         .where(Study.study_instance_uid == study_uid, Delivery.state == DeliveryState.SENT, earlier)
-        .order_by(Result.created_at.desc(), Result.id.desc(), Delivery.id)
+        .order_by(Result.id.desc(), Delivery.id)
     ).all()
     found: PredecessorSr | None = None
     deliveries: dict[str, int] = {}

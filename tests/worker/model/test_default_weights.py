@@ -26,7 +26,7 @@ from worker.model.weights import (
 from worker.synth.phantom import LesionSpec, PhantomSpec, generate_study
 
 MAX_WEIGHTS_BYTES = 25 * 1024 * 1024
-DEFAULT_VERSION_PREFIX = "drunet-d8-s160-realistic"
+DEFAULT_VERSION_PREFIX = "drunet-d8-s160-physical"
 
 
 @pytest.fixture(scope="module")
