@@ -121,10 +121,15 @@ def test_engine_names_map_to_how_the_teacher_runs() -> None:
 @pytest.mark.slow
 @pytest.mark.realdata
 def test_shipped_teacher_on_the_real_ge_scan_marks_under_1_ml(real_ge_ct: Path, tmp_path: Path) -> None:
-    """The real GE head CT has no hemorrhage: model_1 marked 0.97 mL (bfloat16), 0.99 mL (float32). ~3 min."""
+    """The real GE head CT has no hemorrhage. The three shipped models averaged marked 0.15 mL
+    (AMD EPYC Zen 4, bfloat16; ~6 min on 2 cores). model_1 alone, the default, marked 0.97 mL
+    (bfloat16) and 0.99 mL (float32): under the bar, but too close to it for a test that must
+    pass on CPUs whose bfloat16 and float32 kernels round differently, so the test runs the
+    ensemble the README recommends for comparisons."""
     from worker.measure.teacher_study import teacher_study
 
-    result = teacher_study(study_dir=real_ge_ct, out_dir=tmp_path, teacher=lambda: load_teacher(["model_1"]))
+    models = ["model_1", "model_2", "model_3"]
+    result = teacher_study(study_dir=real_ge_ct, out_dir=tmp_path, teacher=lambda: load_teacher(models))
     assert result["status"] == "ok"
     assert result["hemorrhage_ml"] < 1.0
     assert result["volumes_ml"]["IPH"] < 0.1 and result["volumes_ml"]["IVH"] < 0.1
