@@ -1,4 +1,4 @@
-"""The research commands: make and score models (train, dataset, evaluate, evaluate-images, adapt, phantom).
+"""The research commands: make and score models (train, dataset, evaluate, evaluate-images, adapt, phantom, teacher).
 
 Same pattern as every command (``add_arguments`` and ``run``); they live apart from the
 operator's commands (segment, run, scheduler, check, trends, ...) because they are used to
