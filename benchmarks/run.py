@@ -229,6 +229,11 @@ def collect(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             ["--model", str(main_model), "--engine", engine, "--study", str(study), "--rounds", "3", "--studies", "4"],
             out=work / "queue.json",
         )
+    if not quick and not args.skip_teacher:
+        ge = REPO_ROOT.parent / "shared" / "data" / "real-head-ct-ge"
+        teacher_study_dir = ge if ge.is_dir() else study
+        step(f"BLAST-CT teacher, one model, on {teacher_study_dir.name}")
+        report["teacher"] = run_json("teacher_bench", ["--study", str(teacher_study_dir)], out=work / "teacher.json")
     report["machine"]["load_end"] = os.getloadavg()
     return report
 
@@ -446,6 +451,16 @@ def render(report: dict[str, Any]) -> tuple[str, list[tuple[str, str, bool]]]:
     targets.append(
         (f"worker peak memory, {n_big}-slice {side} x {side} study, < 3 GB", f"{peak_mb / 1024:.2f} GB", peak_mb < 3072)
     )
+    teacher = report.get("teacher")
+    if teacher:
+        t = teacher["timings_s"]
+        models = ", ".join(teacher["models"])
+        out.append(
+            f"\nBLAST-CT teacher ({models}, {teacher['engine']}) on {Path(teacher['study']).name} "
+            f"({teacher['n_slices']} slices): {teacher['inference_s_per_model']:.1f} s inference per scan per model; "
+            f"read {t['read']:.1f} s, load {t['load_model']:.1f} s, write {t['write']:.1f} s; "
+            f"hemorrhage marked {teacher['hemorrhage_ml']:.2f} mL; peak memory {teacher['peak_rss_mb']:.0f} MB"
+        )
     out.append("\ntargets" + (" (quick run: tiny model and study, figures not meaningful)" if report["quick"] else ""))
     out.append(table(["target", "measured", "result"], [[n, v, "PASS" if ok else "FAIL"] for n, v, ok in targets]))
     return "\n".join(out), targets
@@ -462,6 +477,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds per measurement")
     parser.add_argument("--skip-queue", action="store_true", help="skip the queue path (needs PostgreSQL, Redis)")
+    parser.add_argument(
+        "--skip-teacher", action="store_true", help="skip the BLAST-CT teacher (about a minute to three per model)"
+    )
     parser.add_argument("--work", type=Path, help="folder for models and studies (kept; default: a temp folder)")
     parser.add_argument("--json", type=Path, help="write the raw figures here")
     args = parser.parse_args(argv)
