@@ -18,6 +18,7 @@ Then the real GE head CT (no hemorrhage) is measured: every mL there is false.
 
     .venv/bin/python scripts/evaluate_default.py                    # the shipped model
     .venv/bin/python scripts/evaluate_default.py --model m.keras --json out.json --quick
+    .venv/bin/python scripts/evaluate_default.py --teacher [model_1 ...]    # the BLAST-CT teacher
 
 Prints a Markdown table per kind and size, the means, and the GE volume.
 """
@@ -62,6 +63,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=None, help="write every result here")
     parser.add_argument("--no-growth", action="store_true", help="switch seeded growth off (on by default)")
     parser.add_argument("--engine", default="folded", help="inference engine (default: folded, float32)")
+    parser.add_argument(
+        "--teacher",
+        nargs="*",
+        metavar="MODEL",
+        help="score the BLAST-CT teacher instead (ichvol teacher's path; hemorrhage = IPH + EAH + IVH); "
+        "names of shipped teacher models, default model_1",
+    )
     args = parser.parse_args(argv)
 
     from worker.measure.pipeline import SegmentationOptions, segment_study
@@ -69,8 +77,26 @@ def main(argv: list[str] | None = None) -> int:
     from worker.model.engines import load_segmenter
     from worker.synth.phantom import LesionSpec, PhantomSpec, generate_study
 
-    segmenter = load_segmenter(args.model, engine=args.engine)
     options = SegmentationOptions(growth=GrowthSettings(enabled=not args.no_growth))
+    if args.teacher is not None:
+        from worker.measure.teacher import load_teacher
+        from worker.measure.teacher_study import teacher_study
+
+        teacher = load_teacher(args.teacher or None, engine="auto")
+        print(f"BLAST-CT teacher {', '.join(teacher.names)} ({teacher.engine})", flush=True)
+
+        def measure(study_dir: Path, out_dir: Path) -> tuple[bool, float, Path | None, str]:
+            result = teacher_study(study_dir=study_dir, out_dir=out_dir, teacher=teacher)
+            return True, float(result["hemorrhage_ml"]), out_dir / "mask.npz", ""
+    else:
+        segmenter = load_segmenter(args.model, engine=args.engine)
+
+        def measure(study_dir: Path, out_dir: Path) -> tuple[bool, float, Path | None, str]:
+            outcome = segment_study(study_dir=study_dir, out_dir=out_dir, segmenter=segmenter, options=options)
+            if not outcome.ok:
+                return False, 0.0, None, str(outcome.result.get("reason"))
+            return True, float(outcome.volume_ml or 0.0), Path(outcome.artefacts["mask_npz"]), ""
+
     rows: list[dict[str, Any]] = []
     cases = [(k, v) for k, vs in CASES.items() for v in ((vs[1],) if args.quick else vs)]
     seeds = 1 if args.quick else args.seeds
@@ -102,16 +128,13 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 print(f"{kind} {volume}: no head could hold it, skipped", file=sys.stderr)
                 continue
-            outcome = segment_study(
-                study_dir=study, out_dir=Path(tmp) / f"out-{n}", segmenter=segmenter, options=options
-            )
-            if not outcome.ok:
-                print(f"{kind} {volume}: {outcome.result.get('reason')}", file=sys.stderr)
+            ok, measured, mask_npz, reason = measure(study, Path(tmp) / f"out-{n}")
+            if not ok or mask_npz is None:
+                print(f"{kind} {volume}: {reason}", file=sys.stderr)
                 continue
-            with np.load(outcome.artefacts["mask_npz"]) as data:
+            with np.load(mask_npz) as data:
                 order = {str(u): i for i, u in enumerate(data["sop_instance_uids"])}
                 pred = data["mask"][[order[u] for u in truth.sop_instance_uids]]
-            measured = float(outcome.volume_ml or 0.0)
             row = {
                 "kind": kind,
                 "target_ml": volume,
@@ -130,8 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     ge_ml: float | None = None
     if GE_DIR.is_dir():
         with tempfile.TemporaryDirectory() as tmp:
-            outcome = segment_study(study_dir=GE_DIR, out_dir=Path(tmp), segmenter=segmenter, options=options)
-            ge_ml = outcome.volume_ml
+            _, ge_ml, _, _ = measure(GE_DIR, Path(tmp))
     print()
     print("| kind | true volume (mL) | n | Dice mean | volume error mean (mL) | relative error mean |")
     print("|---|---|---|---|---|---|")
