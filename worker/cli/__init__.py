@@ -52,6 +52,17 @@ RESEARCH_COMMANDS = {"phantom", "train", "dataset", "evaluate", "evaluate-images
 SERVICE_COMMANDS = {"scheduler", "train", "pacs-poll"}
 
 
+def hu_window(text: str) -> tuple[float, float]:
+    """An argparse type for ``LOW,HIGH`` in HU (e.g. ``0,80``): the two ends, HIGH above LOW."""
+    try:
+        low, high = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LOW,HIGH in HU, got {text!r}") from None
+    if not high > low:
+        raise argparse.ArgumentTypeError(f"the window's high end must be above its low end, got {text!r}")
+    return low, high
+
+
 def _settings(args: argparse.Namespace) -> Settings:
     overrides = {}
     for name in ("model_path", "threshold", "min_component_ml", "inference_batch_size", "database_url"):

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from worker.cli import hu_window
 from worker.core.notices import DISCLAIMER
 from worker.core.settings import Settings
 
@@ -36,16 +37,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_image_options(p)
 
 
-def _window(text: str) -> tuple[float, float]:
-    try:
-        low, high = (float(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected LOW,HIGH in HU, got {text!r}") from None
-    if not high > low:
-        raise argparse.ArgumentTypeError(f"the window's high end must be above its low end, got {text!r}")
-    return low, high
-
-
 def add_image_options(p: argparse.ArgumentParser) -> None:
     """How 8-bit images become HU and are post-processed (``predict-images``, ``evaluate-images``)."""
     p.add_argument(
@@ -57,7 +48,7 @@ def add_image_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--display-window",
-        type=_window,
+        type=hu_window,
         metavar="LOW,HIGH",
         help="the HU the images' levels 0 and 255 stand for, when the export window is known (implies "
         "--calibration window); e.g. 0,80 for W80/L40",

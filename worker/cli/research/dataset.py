@@ -10,18 +10,9 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from worker.cli import hu_window
 from worker.core.notices import DISCLAIMER
 from worker.core.settings import Settings
-
-
-def _window(text: str) -> tuple[float, float]:
-    try:
-        low, high = (float(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected LOW,HIGH in HU, got {text!r}") from None
-    if not high > low:
-        raise argparse.ArgumentTypeError(f"the window needs HIGH > LOW, got {text!r}")
-    return low, high
 
 
 def _labels(text: str) -> tuple[int, ...]:
@@ -40,7 +31,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input-size", type=int, default=256, help="model input size in pixels (paper: 256)")
     p.add_argument(
         "--window",
-        type=_window,
+        type=hu_window,
         metavar="LOW,HIGH",
         help="HU window: applied to studies (default -20,100); for images, the window they were exported with "
         "(required, stored in the weights)",
