@@ -81,3 +81,31 @@ def voxel_centres_mm(ds: pydicom.Dataset) -> npt.NDArray[np.float64]:
 
 def hu_from_dataset(ds: pydicom.Dataset) -> npt.NDArray[np.float64]:
     return np.asarray(ds.pixel_array, dtype=np.float64) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+
+
+#: A tiny phantom study (48 x 48 pixels of 4.5 mm, 6 slices of 8 mm, one 15 mL round lesion):
+#: the studies of a "site" in the adaptation and distillation tests.
+TINY_SITE_STUDY = PhantomSpec(
+    rows=48,
+    columns=48,
+    pixel_spacing_mm=(4.5, 4.5),
+    slice_thickness_mm=8.0,
+    n_slices=6,
+    first_position_mm=-10.0,
+    lesions=(LesionSpec("round", volume_ml=15.0),),
+)
+
+
+def write_small_site(root: Path, *, nest_first: bool = False) -> Path:
+    """Six tiny phantom studies ``study-0`` .. ``study-5`` (seeds 40-45) and a ``no-images``
+    folder with only a text file, under ``root``; ``nest_first`` puts study-0's files one
+    folder deeper (``study-0/nested``)."""
+    from worker.synth.phantom import generate_study
+
+    for i in range(6):
+        generate_study(
+            root / f"study-{i}" / ("nested" if nest_first and i == 0 else ""), spec=TINY_SITE_STUDY, seed=40 + i
+        )
+    (root / "no-images").mkdir()
+    (root / "no-images" / "notes.txt").write_text("no images here")
+    return root

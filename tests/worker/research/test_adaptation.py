@@ -9,32 +9,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.helpers.phantom import TINY_SITE_STUDY, write_small_site
 from worker.core.errors import ConfigurationError
 from worker.model.weights import default_model_path, read_model_info
 from worker.research.adaptation import MIN_STUDIES, adapt_model, study_folders
-from worker.synth.phantom import LesionSpec, PhantomSpec, generate_study
 
-TINY = PhantomSpec(
-    rows=48,
-    columns=48,
-    pixel_spacing_mm=(4.5, 4.5),
-    slice_thickness_mm=8.0,
-    n_slices=6,
-    first_position_mm=-10.0,
-    lesions=(LesionSpec("round", volume_ml=15.0),),
-)
+TINY = TINY_SITE_STUDY
 
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Six small phantom studies, one in a nested folder, and one folder without any image."""
-    root = tmp_path_factory.mktemp("site")
-    for i in range(6):
-        generate_study(root / f"study-{i}" / ("nested" if i == 0 else ""), spec=TINY, seed=40 + i)
-    empty = root / "no-images"
-    empty.mkdir()
-    (empty / "notes.txt").write_text("no images here")
-    return root
+    return write_small_site(tmp_path_factory.mktemp("site"), nest_first=True)
 
 
 def _bn_and_other_weights(path: Path) -> tuple[list[np.ndarray], list[np.ndarray]]:

@@ -11,32 +11,19 @@ from typing import Any
 import numpy as np
 import pytest
 
+from tests.helpers.phantom import TINY_SITE_STUDY, write_small_site
 from worker.model import preprocess
 from worker.model.weights import read_model_info
 from worker.research import distillation
 from worker.research.distillation import split_held_out
-from worker.synth.phantom import LesionSpec, PhantomSpec, generate_study
 
-TINY = PhantomSpec(
-    rows=48,
-    columns=48,
-    pixel_spacing_mm=(4.5, 4.5),
-    slice_thickness_mm=8.0,
-    n_slices=6,
-    first_position_mm=-10.0,
-    lesions=(LesionSpec("round", volume_ml=15.0),),
-)
+TINY = TINY_SITE_STUDY
 
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Six small phantom studies and one folder without any image."""
-    root = tmp_path_factory.mktemp("site")
-    for i in range(6):
-        generate_study(root / f"study-{i}", spec=TINY, seed=40 + i)
-    (root / "no-images").mkdir()
-    (root / "no-images" / "notes.txt").write_text("no images here")
-    return root
+    return write_small_site(tmp_path_factory.mktemp("site"))
 
 
 @pytest.fixture()
