@@ -54,6 +54,38 @@ def _dice(truth: np.ndarray, pred: np.ndarray) -> float:
     return 1.0 if denom == 0 else 2.0 * int((t & p).sum()) / denom
 
 
+def phantom_spec(lesions: tuple[Any, ...], *, tilted: bool) -> Any:
+    """The held-out phantom geometry and realism of this table (module docstring)."""
+    from worker.synth.phantom import PhantomSpec
+
+    return PhantomSpec(
+        rows=256,
+        columns=256,
+        pixel_spacing_mm=(0.9, 0.9),
+        slice_thickness_mm=5.0,
+        n_slices=28,
+        gantry_tilt_deg=18.5 if tilted else 0.0,
+        lesions=lesions,
+        slab_samples=3,
+        beam_hardening=0.8,
+        mass_effect=0.5,
+    )
+
+
+def write_phantom(study: Path, spec: Any, seed: int, *, label: str) -> Any:
+    """Write one phantom study (truth in ``study/truth``); a large lesion that does not fit a
+    head tries the next seed, up to 10 times. Returns its truth, or None (said on stderr)."""
+    from worker.synth.phantom import generate_study
+
+    for attempt in range(10):
+        try:
+            return generate_study(study, spec=spec, seed=seed + 100_000 * attempt)
+        except ValueError as exc:
+            print(f"{label}: seed {seed + 100_000 * attempt}: {exc}; trying another", file=sys.stderr)
+    print(f"{label}: no head could hold it, skipped", file=sys.stderr)
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, default=None, help="weights file (default: the shipped model)")
@@ -75,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     from worker.measure.pipeline import SegmentationOptions, segment_study
     from worker.measure.seeded_growth import GrowthSettings
     from worker.model.engines import load_segmenter
-    from worker.synth.phantom import LesionSpec, PhantomSpec, generate_study
+    from worker.synth.phantom import LesionSpec
 
     options = SegmentationOptions(growth=GrowthSettings(enabled=not args.no_growth))
     if args.teacher is not None:
@@ -106,27 +138,10 @@ def main(argv: list[str] | None = None) -> int:
         for n, (kind, volume, s) in enumerate(jobs):
             seed = 5_000_000 + n * 7 + s
             lesions = () if volume is None else (LesionSpec(kind, volume_ml=volume),)
-            spec = PhantomSpec(
-                rows=256,
-                columns=256,
-                pixel_spacing_mm=(0.9, 0.9),
-                slice_thickness_mm=5.0,
-                n_slices=28,
-                gantry_tilt_deg=18.5 if n % 2 else 0.0,
-                lesions=lesions,
-                slab_samples=3,
-                beam_hardening=0.8,
-                mass_effect=0.5,
-            )
+            spec = phantom_spec(lesions, tilted=bool(n % 2))
             study = Path(tmp) / f"study-{n}"
-            for attempt in range(10):  # a large lesion does not fit every head: the next seed
-                try:
-                    truth = generate_study(study, spec=spec, seed=seed + 100_000 * attempt)
-                    break
-                except ValueError as exc:
-                    print(f"{kind} {volume}: seed {seed + 100_000 * attempt}: {exc}; trying another", file=sys.stderr)
-            else:
-                print(f"{kind} {volume}: no head could hold it, skipped", file=sys.stderr)
+            truth = write_phantom(study, spec, seed, label=f"{kind} {volume}")
+            if truth is None:
                 continue
             ok, measured, mask_npz, reason = measure(study, Path(tmp) / f"out-{n}")
             if not ok or mask_npz is None:

@@ -37,7 +37,11 @@ connected blood-density tissue inside the skull with the pipeline's own seeded-g
 (:class:`worker.measure.seeded_growth.GrowthSettings`: 50-90 HU, away from bone, at most
 15 mm from a confident seed), which measured on the shipped DR-UNet doubled real-scan Dice
 at no false volume: the teacher's confident cores decide where blood is, the HU decide how
-far it reaches.
+far it reaches. ``union`` adds, on top of ``grown``, the base DR-UNet's own final mask, so
+what the base model already finds and the teacher does not call (small bleeds, dark
+collections; measured on the phantoms in MODEL_CARD.md) is not unlearnt. ``temperature``
+T divides the teacher's logits before any of these (:func:`tempered`): T > 1 passes on
+more of its uncertainty, T < 1 makes its targets harder; its mask (p >= 0.5) is unchanged.
 """
 
 from __future__ import annotations
@@ -87,7 +91,7 @@ log = logging.getLogger(__name__)
 F32 = npt.NDArray[np.float32]
 U8 = npt.NDArray[np.uint8]
 
-TARGETS = ("soft", "grown")
+TARGETS = ("soft", "grown", "union")
 HELD_OUT_FRACTION = 0.2
 TEACHER_THRESHOLD = 0.5
 DEFAULT_EPOCHS = 5
@@ -115,6 +119,7 @@ class DistillConfig:
     synthetic_samples: int = DEFAULT_SYNTHETIC_SAMPLES
     background_ct: Path | None = None  # a bleed-free real head CT for the synthetic bank (optional)
     targets: str = "grown"
+    temperature: float = 1.0  # the teacher's logits divided by this before any target is built
     workers: int = 1
     adabn: bool = True  # recompute BatchNorm statistics on the site's training slices after fine-tuning
     seed: int = 0
@@ -188,19 +193,45 @@ def split_held_out(names: Sequence[str]) -> tuple[tuple[str, ...], tuple[str, ..
     return tuple(n for n in names if n not in held), tuple(n for n in names if n in held)
 
 
+def tempered(probability: npt.NDArray[np.floating], temperature: float) -> F32:
+    """``sigmoid(logit(p) / T)``, float32: T > 1 softens the teacher towards 0.5, T < 1 sharpens it, T = 1 is ``p``.
+
+    The order of probabilities is kept, and 0.5 stays 0.5, so the teacher's mask (p >= 0.5)
+    does not change; only how sure the soft targets are.
+    """
+    p = np.clip(np.asarray(probability, dtype=np.float32), 0.0, 1.0)
+    if temperature == 1.0:
+        return p
+    if temperature <= 0.0:
+        raise ConfigurationError(f"--temperature must be above 0, got {temperature}")
+    eps = np.float32(1e-6)
+    q = np.clip(p, eps, 1.0 - eps)
+    logit = np.log(q) - np.log1p(-q)
+    return (1.0 / (1.0 + np.exp(-logit / np.float32(temperature)))).astype(np.float32)
+
+
 def distillation_targets(
-    hemorrhage: npt.NDArray[np.floating], series: CtSeries, *, targets: str, options: SegmentationOptions
+    hemorrhage: npt.NDArray[np.floating],
+    series: CtSeries,
+    *,
+    targets: str,
+    options: SegmentationOptions,
+    temperature: float = 1.0,
+    base_mask: npt.NDArray[np.integer] | None = None,
 ) -> F32:
     """The training target ``(z, y, x)`` float32 in [0, 1] on the native grid (module docstring).
 
-    ``soft``: the teacher's hemorrhage probability. ``grown``: its maximum with the teacher's
-    mask (probability >= 0.5) grown by the pipeline's seeded-growth rule (``options.growth``,
-    applied even where the pipeline's growth is switched off).
+    ``soft``: the teacher's hemorrhage probability (tempered by ``temperature``). ``grown``:
+    its maximum with the teacher's mask (probability >= 0.5) grown by the pipeline's
+    seeded-growth rule (``options.growth``, applied even where the pipeline's growth is
+    switched off). ``union``: ``grown`` and, as 1, the base DR-UNet's own final mask
+    ``base_mask`` (``(z, y, x)``, the post-processing of ``ichvol segment``), so blood the
+    teacher does not call (dark collections, small bleeds) but the base model finds stays.
     """
-    soft = np.clip(np.asarray(hemorrhage, dtype=np.float32), 0.0, 1.0)
+    soft = tempered(hemorrhage, temperature)
     if targets == "soft":
         return soft
-    if targets != "grown":
+    if targets not in TARGETS:
         raise ConfigurationError(f"unknown distillation targets {targets!r}: use one of {', '.join(TARGETS)}")
     grown = postprocess.grow_into_blood(
         (soft >= TEACHER_THRESHOLD).astype(np.uint8),
@@ -209,7 +240,26 @@ def distillation_targets(
         pixel_spacing_mm=series.pixel_spacing_mm,
         settings=replace(options.growth, enabled=True),
     )
-    return np.maximum(soft, grown.astype(np.float32))
+    target = np.maximum(soft, grown.astype(np.float32))
+    if targets == "union":
+        if base_mask is None or np.shape(base_mask) != target.shape:
+            raise ConfigurationError("union targets need the base model's mask on the same grid")
+        target = np.maximum(target, (np.asarray(base_mask) != 0).astype(np.float32))
+    return target
+
+
+def final_mask(probability: F32, series: CtSeries, options: SegmentationOptions) -> npt.NDArray[np.uint8]:
+    """The post-processing of ``ichvol segment`` on a native-grid probability ``(z, y, x)``."""
+    return postprocess.postprocess(
+        probability,
+        hu=series.hu,
+        pixel_spacing_mm=series.pixel_spacing_mm,
+        slab_thickness_mm=series.slab_thickness_mm,
+        threshold=options.threshold,
+        min_component_ml=options.min_component_ml,
+        restrict_to_intracranial=options.intracranial_only,
+        growth=options.growth,
+    )
 
 
 def _usable(studies: Sequence[Path], rules: SelectionRules) -> tuple[list[Path], list[SkippedStudy]]:
@@ -246,6 +296,8 @@ def _check_config(config: DistillConfig, base_path: Path) -> None:
         raise ConfigurationError(f"--out must be a .keras file, got {out_path.name}")
     if config.targets not in TARGETS:
         raise ConfigurationError(f"unknown distillation targets {config.targets!r}: use one of {', '.join(TARGETS)}")
+    if config.temperature <= 0.0:
+        raise ConfigurationError(f"--temperature must be above 0, got {config.temperature}")
     if not 0.0 <= config.synthetic_share < 1.0:
         raise ConfigurationError(f"--synthetic-share must be in [0, 1), got {config.synthetic_share}")
     if config.epochs < 1 or config.workers < 1:
@@ -253,9 +305,15 @@ def _check_config(config: DistillConfig, base_path: Path) -> None:
 
 
 def _site_slices(
-    studies: Sequence[LabelledStudy], *, info: ModelInfo, config: DistillConfig
+    studies: Sequence[LabelledStudy],
+    *,
+    info: ModelInfo,
+    config: DistillConfig,
+    base_predict: Callable[[F32], F32] | None = None,
 ) -> tuple[F32, F32, list[str]]:
-    """Model-input slices ``(n, S, S)`` in [-1, 1] and their targets ``(n, S, S)`` in [0, 1]; series UIDs."""
+    """Model-input slices ``(n, S, S)`` in [-1, 1] and their targets ``(n, S, S)`` in [0, 1]; series UIDs.
+
+    ``base_predict`` (the base model, needed by ``union`` targets) gives the base mask."""
     from worker.imaging.dicom_load import load_study
 
     images: list[F32] = []
@@ -264,7 +322,19 @@ def _site_slices(
     for study in studies:
         series, hemorrhage = _series_and_label(study, config.rules, load_study)
         x, fit = preprocess.to_model_input(series.hu, size=info.input_size, window=info.hu_window)
-        native = distillation_targets(hemorrhage, series, targets=config.targets, options=config.options)
+        base_mask = None
+        if config.targets == "union":
+            if base_predict is None:
+                raise ConfigurationError("union targets need the base model")
+            base_mask = final_mask(preprocess.to_native(base_predict(x), fit), series, config.options)
+        native = distillation_targets(
+            hemorrhage,
+            series,
+            targets=config.targets,
+            options=config.options,
+            temperature=config.temperature,
+            base_mask=base_mask,
+        )
         images.append(x)
         targets.append(preprocess.soft_to_model(native, fit))
         uids.append(series.series_instance_uid)
@@ -380,16 +450,7 @@ def agreements(
         teacher_ml = volume.planimetric_volume_ml(teacher_mask, pixel_spacing_mm=spacing, slab_thickness_mm=slabs)
         x, fit = preprocess.to_model_input(series.hu, size=info.input_size, window=info.hu_window)
         for name, predict in models.items():
-            mask = postprocess.postprocess(
-                preprocess.to_native(predict(x), fit),
-                hu=series.hu,
-                pixel_spacing_mm=spacing,
-                slab_thickness_mm=slabs,
-                threshold=options.threshold,
-                min_component_ml=options.min_component_ml,
-                restrict_to_intracranial=options.intracranial_only,
-                growth=options.growth,
-            )
+            mask = final_mask(preprocess.to_native(predict(x), fit), series, options)
             model_ml = volume.planimetric_volume_ml(mask, pixel_spacing_mm=spacing, slab_thickness_mm=slabs)
             rows[name].append((mask_dice(mask, teacher_mask), model_ml, teacher_ml))
     names = tuple(s.name for s in studies)
@@ -400,8 +461,9 @@ def agreements(
 
 
 def _version(base: ModelInfo, teacher: TeacherIdentity, uids: Sequence[str], config: DistillConfig) -> str:
-    recipe = [config.targets, config.epochs, config.synthetic_share, config.synthetic_samples, config.seed]
+    recipe: list[Any] = [config.targets, config.epochs, config.synthetic_share, config.synthetic_samples, config.seed]
     recipe += [] if config.adabn else ["no-adabn"]
+    recipe += [] if config.temperature == 1.0 else [f"T{config.temperature:g}"]
     text = "\n".join([base.sha256, *teacher.sha256, *sorted(uids), json.dumps(recipe)])
     return f"{base.version}-distilled-{hashlib.sha256(text.encode()).hexdigest()[:8]}"
 
@@ -438,8 +500,8 @@ def distill(config: DistillConfig) -> DistillationReport:
     from worker.model.networks import load_keras_model, save_model
     from worker.research.training import recalibrate_batchnorm
 
-    images, targets, uids = _site_slices(train, info=base, config=config)
     model = load_keras_model(base_path)
+    images, targets, uids = _site_slices(train, info=base, config=config, base_predict=keras_predictor(model))
     steps, epoch_losses = _fine_tune(model, images=images, targets=targets, bank=bank, config=config)
     if config.adabn:
         recalibrate_batchnorm(model, adabn_batches(images, seed=config.seed))
@@ -459,6 +521,7 @@ def distill(config: DistillConfig) -> DistillationReport:
         "teacher_models": list(labelling.teacher.names),
         "teacher_sha256": list(labelling.teacher.sha256),
         "targets": config.targets,
+        "temperature": config.temperature,
         "adabn": config.adabn,
         "n_studies_train": len(train),
         "n_slices_train": len(images),
@@ -481,7 +544,7 @@ def distill(config: DistillConfig) -> DistillationReport:
         validation={},
         training_data=(
             f"{base.training_data}; then distilled from the BLAST-CT teacher ({len(labelling.teacher.names)} models, "
-            f"{config.targets} targets) on {len(train)} unlabelled site studies ({len(images)} slices), mixed with "
+            f"{config.targets} targets, temperature {config.temperature:g}) on {len(train)} unlabelled site studies ({len(images)} slices), mixed with "
             f"synthetic samples at share {provenance['synthetic_share']}"
             + (", BatchNorm statistics recomputed (AdaBN)" if config.adabn else "")
         ),

@@ -6,12 +6,15 @@ import copy
 import json
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import pytest
 
 from tests.helpers.phantom import TINY_SITE_STUDY, write_small_site
+from tests.helpers.series_builders import ring_skull_slice
+from worker.core.errors import ConfigurationError
 from worker.model import preprocess
 from worker.model.weights import read_model_info
 from worker.research import distillation
@@ -68,6 +71,49 @@ def test_soft_targets_are_resampled_like_the_input() -> None:
     small = preprocess.soft_to_model(prob, fit)
     assert small.shape == (1, 2, 2) and small.dtype == np.float32
     np.testing.assert_allclose(small[0], [[0.5, 0.0], [0.0, 0.0]], atol=1e-6)  # area: 2 of 4 pixels
+
+
+def test_temperature_softens_or_sharpens_the_teacher_and_keeps_its_mask() -> None:
+    p = np.array([0.001, 0.3, 0.5, 0.9, 0.999], dtype=np.float32)
+    np.testing.assert_array_equal(distillation.tempered(p, 1.0), p)
+    # sigmoid(logit(p) / T) by hand: logit(0.9) = ln 9 = 2.1972, logit(0.3) = -0.8473
+    np.testing.assert_allclose(distillation.tempered(p, 2.0)[[1, 2, 3]], [0.3958, 0.5, 0.75], atol=2e-4)
+    np.testing.assert_allclose(distillation.tempered(p, 0.5)[3], 81 / 82, atol=2e-4)  # 9**2 : 1
+    for t in (0.5, 2.0, 4.0):
+        q = distillation.tempered(p, t)
+        assert np.all(np.diff(q) > 0) and np.array_equal(q >= 0.5, p >= 0.5)
+    with pytest.raises(ConfigurationError, match="temperature"):
+        distillation.tempered(p, 0.0)
+
+
+def _series_with_blood() -> Any:
+    """One 96 x 96 slice at 1 mm: a closed skull, a 10 x 10 px 70 HU bleed, a 60 HU spot far from it."""
+    hu = ring_skull_slice()
+    hu[40:50, 40:50] = 70.0
+    hu[60:63, 60:63] = 60.0
+    return SimpleNamespace(hu=hu[None], pixel_spacing_mm=(1.0, 1.0))
+
+
+def test_targets_soft_grown_and_union() -> None:
+    from worker.measure.pipeline import SegmentationOptions
+
+    series = _series_with_blood()
+    teacher = np.zeros(series.hu.shape, dtype=np.float32)
+    teacher[0, 44:46, 44:46] = 0.9  # the teacher's confident core of the bleed
+    options = SegmentationOptions()
+    soft = distillation.distillation_targets(teacher, series, targets="soft", options=options)
+    np.testing.assert_array_equal(soft, teacher)
+    grown = distillation.distillation_targets(teacher, series, targets="grown", options=options)
+    assert grown[0, 40:50, 40:50].min() == 1.0, "the core grows into the whole 70 HU bleed"
+    assert grown[0, 60:63, 60:63].max() == 0.0 and grown.sum() == 100.0, "never into blood it is not connected to"
+    base = np.zeros(series.hu.shape, dtype=np.uint8)
+    base[0, 60:63, 60:63] = 1  # the base model's own find, which the teacher does not call
+    union = distillation.distillation_targets(teacher, series, targets="union", options=options, base_mask=base)
+    np.testing.assert_array_equal(union, np.maximum(grown, base))
+    with pytest.raises(ConfigurationError, match="base model"):
+        distillation.distillation_targets(teacher, series, targets="union", options=options)
+    with pytest.raises(ConfigurationError, match="unknown distillation targets"):
+        distillation.distillation_targets(teacher, series, targets="hard", options=options)
 
 
 def test_the_held_out_fifth_is_fixed_by_the_names() -> None:
@@ -135,6 +181,17 @@ def test_the_command_runs_end_to_end_and_never_trains_on_the_held_out_fifth(
     result = tmp_path / "seg"
     assert cli.main(["segment", str(site / "study-2"), "--out", str(result), "--model", str(out)]) == 0
     assert json.loads((result / "result.json").read_text())["model"]["version"] == info.version
+
+    # union targets at temperature 2 from the same cache: the teacher does not run again
+    teacher_calls.clear()
+    union = tmp_path / "union.keras"
+    argv[argv.index(str(out))] = str(union)
+    argv += ["--cache", str(cache), "--targets", "union", "--temperature", "2"]
+    assert cli.main(argv) == 0
+    assert teacher_calls == [] and "6 studies (6 from the cache)" in capsys.readouterr().out
+    prov = read_model_info(union).provenance
+    assert prov["targets"] == "union" and prov["temperature"] == 2.0
+    assert read_model_info(union).version != info.version
 
 
 def test_a_rerun_reuses_the_cached_labels_and_another_teacher_does_not(

@@ -40,7 +40,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     d.add_argument("--synthetic-share", type=float, default=0.5, help="share of synthetic samples (default 0.5)")
     d.add_argument("--synthetic-samples", type=int, default=2000, help="size of the synthetic bank (default 2000)")
     d.add_argument("--background-ct", type=Path, help="a bleed-free real head CT for the synthetic bank")
-    d.add_argument("--targets", choices=("soft", "grown"), default="grown", help="distillation targets (default grown)")
+    d.add_argument(
+        "--targets",
+        choices=("soft", "grown", "union"),
+        default="grown",
+        help="distillation targets: the teacher's probabilities (soft), grown into blood-density tissue (grown, "
+        "the default), or grown and the base model's own mask (union)",
+    )
+    d.add_argument(
+        "--temperature",
+        type=float,
+        default=1.0,
+        help="divide the teacher's logits by this before building targets (>1 softer, <1 harder; default 1)",
+    )
     d.add_argument("--no-adabn", action="store_true", help="keep the fine-tuned BatchNorm statistics (no AdaBN)")
     d.add_argument("--steps-per-epoch", type=int, help="default: the site's training slices once an epoch")
 
@@ -104,6 +116,7 @@ def _distil(args: argparse.Namespace, settings: Settings, base: Path | None) -> 
             synthetic_samples=args.synthetic_samples,
             background_ct=args.background_ct,
             targets=args.targets,
+            temperature=args.temperature,
             workers=args.workers,
             adabn=not args.no_adabn,
             rules=options.rules,
