@@ -37,7 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     for n, (kind, volume) in enumerate(jobs):
         lesions = () if volume is None else (LesionSpec(kind, volume_ml=volume),)
         name = f"{kind}-{volume:g}ml-{n:02d}" if volume is not None else f"none-{n:02d}"
-        truth = write_phantom(args.site / name, phantom_spec(lesions, tilted=bool(n % 2)), FIRST_SEED + 7 * n, label=name)
+        spec = phantom_spec(lesions, tilted=bool(n % 2))
+        truth = write_phantom(args.site / name, spec, FIRST_SEED + 7 * n, label=name)
         if truth is not None:
             written += 1
             print(f"{name}: {truth.analytic_volume_ml:.1f} mL", flush=True)

@@ -544,7 +544,8 @@ def distill(config: DistillConfig) -> DistillationReport:
         validation={},
         training_data=(
             f"{base.training_data}; then distilled from the BLAST-CT teacher ({len(labelling.teacher.names)} models, "
-            f"{config.targets} targets, temperature {config.temperature:g}) on {len(train)} unlabelled site studies ({len(images)} slices), mixed with "
+            f"{config.targets} targets, temperature {config.temperature:g}) on {len(train)} unlabelled site "
+            f"studies ({len(images)} slices), mixed with "
             f"synthetic samples at share {provenance['synthetic_share']}"
             + (", BatchNorm statistics recomputed (AdaBN)" if config.adabn else "")
         ),
