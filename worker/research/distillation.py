@@ -83,7 +83,9 @@ __all__ = [
     "DistillationReport",
     "distill",
     "distillation_targets",
+    "fine_tune",
     "split_held_out",
+    "synthetic_bank",
 ]
 
 log = logging.getLogger(__name__)
@@ -122,6 +124,7 @@ class DistillConfig:
     temperature: float = 1.0  # the teacher's logits divided by this before any target is built
     workers: int = 1
     adabn: bool = True  # recompute BatchNorm statistics on the site's training slices after fine-tuning
+    freeze_batchnorm: bool = False  # BatchNorm in inference mode while fine-tuning: its statistics stay the base's
     seed: int = 0
     min_studies: int = MIN_STUDIES
     rules: SelectionRules = field(default_factory=SelectionRules)
@@ -351,7 +354,7 @@ def _series_and_label(study: LabelledStudy, rules: SelectionRules, load_study: A
     return series, label.hemorrhage
 
 
-def _synthetic_bank(config: DistillConfig, info: ModelInfo) -> Any:
+def synthetic_bank(config: DistillConfig, info: ModelInfo) -> Any:
     """The synthetic bank at the model's input size and window (cached in the labels folder), or None."""
     if config.synthetic_share <= 0.0 or config.synthetic_samples <= 0:
         return None
@@ -371,8 +374,12 @@ def _synthetic_bank(config: DistillConfig, info: ModelInfo) -> Any:
     )
 
 
-def _fine_tune(model: Any, *, images: F32, targets: F32, bank: Any, config: DistillConfig) -> tuple[int, list[float]]:
-    """Adam on BCE + Dice over site slices mixed with bank samples; returns steps per epoch and epoch losses."""
+def fine_tune(model: Any, *, images: F32, targets: F32, bank: Any, config: DistillConfig) -> tuple[int, list[float]]:
+    """Adam on BCE + Dice over site slices mixed with bank samples; returns steps per epoch and epoch losses.
+
+    With ``config.freeze_batchnorm`` the BatchNorm layers run in inference mode and are not
+    trained (their statistics and scales stay the base model's), then are made trainable again.
+    """
     from worker.model import framework, losses
     from worker.research.training_data import finish_dataset
 
@@ -401,10 +408,15 @@ def _fine_tune(model: Any, *, images: F32, targets: F32, bank: Any, config: Dist
         shuffle_buffer=1,
     )
     steps = config.steps_per_epoch or max(1, -(-round(len(images) / (1.0 - share)) // config.batch_size))
+    norms = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    for layer in norms if config.freeze_batchnorm else ():
+        layer.trainable = False
     model.compile(optimizer=keras.optimizers.Adam(learning_rate=config.learning_rate), loss=losses.bce_dice_loss)
     history = model.fit(
         batches, epochs=config.epochs, steps_per_epoch=steps, verbose=2 if config.progress else 0, shuffle=False
     )
+    for layer in norms:
+        layer.trainable = True
     return steps, [float(v) for v in history.history.get("loss", [])]
 
 
@@ -464,6 +476,7 @@ def _version(base: ModelInfo, teacher: TeacherIdentity, uids: Sequence[str], con
     recipe: list[Any] = [config.targets, config.epochs, config.synthetic_share, config.synthetic_samples, config.seed]
     recipe += [] if config.adabn else ["no-adabn"]
     recipe += [] if config.temperature == 1.0 else [f"T{config.temperature:g}"]
+    recipe += ["frozen-bn"] if config.freeze_batchnorm else []
     text = "\n".join([base.sha256, *teacher.sha256, *sorted(uids), json.dumps(recipe)])
     return f"{base.version}-distilled-{hashlib.sha256(text.encode()).hexdigest()[:8]}"
 
@@ -482,7 +495,7 @@ def distill(config: DistillConfig) -> DistillationReport:
     studies = study_folders(config.studies_dir)
     usable, skipped = _usable(studies, config.rules)
     _refuse_if_few(len(usable), len(studies), skipped, config)
-    bank = _synthetic_bank(config, base)  # before any TensorFlow in this process: the bank may fork
+    bank = synthetic_bank(config, base)  # before any TensorFlow in this process: the bank may fork
     labelling = label_studies(
         usable,
         loader=config.teacher,
@@ -502,7 +515,7 @@ def distill(config: DistillConfig) -> DistillationReport:
 
     model = load_keras_model(base_path)
     images, targets, uids = _site_slices(train, info=base, config=config, base_predict=keras_predictor(model))
-    steps, epoch_losses = _fine_tune(model, images=images, targets=targets, bank=bank, config=config)
+    steps, epoch_losses = fine_tune(model, images=images, targets=targets, bank=bank, config=config)
     if config.adabn:
         recalibrate_batchnorm(model, adabn_batches(images, seed=config.seed))
     scores = agreements(
@@ -523,6 +536,7 @@ def distill(config: DistillConfig) -> DistillationReport:
         "targets": config.targets,
         "temperature": config.temperature,
         "adabn": config.adabn,
+        "freeze_batchnorm": config.freeze_batchnorm,
         "n_studies_train": len(train),
         "n_slices_train": len(images),
         "n_studies_held_out": len(held),

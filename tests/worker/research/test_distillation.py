@@ -116,6 +116,35 @@ def test_targets_soft_grown_and_union() -> None:
         distillation.distillation_targets(teacher, series, targets="hard", options=options)
 
 
+@pytest.mark.parametrize("freeze", [False, True])
+def test_fine_tuning_moves_the_batchnorm_statistics_unless_frozen(tiny_model_path: Path, freeze: bool) -> None:
+    from worker.model.networks import load_keras_model
+    from worker.research.adaptation import batchnorm_statistics
+
+    model = load_keras_model(tiny_model_path)
+    before = batchnorm_statistics(model)
+    kernels = [np.array(w) for w in model.get_weights()]
+    rng = np.random.default_rng(0)
+    images = rng.uniform(-1, 1, (8, 32, 32)).astype(np.float32) * 0.5 + 0.3  # not the init's N(0, 1)
+    targets = (rng.uniform(size=(8, 32, 32)) > 0.8).astype(np.float32)
+    config = distillation.DistillConfig(
+        studies_dir=Path("."),
+        out_path=Path("x.keras"),
+        teacher=None,  # type: ignore[arg-type]
+        epochs=1,
+        steps_per_epoch=3,
+        batch_size=4,
+        learning_rate=1e-2,
+        freeze_batchnorm=freeze,
+    )
+    distillation.fine_tune(model, images=images, targets=targets, bank=None, config=config)
+    after = batchnorm_statistics(model)
+    moved = max(float(np.abs(a[0] - b[0]).max()) for a, b in zip(after, before, strict=True))
+    assert (moved == 0.0) if freeze else (moved > 1e-3)
+    assert any(not np.array_equal(a, b) for a, b in zip(model.get_weights(), kernels, strict=True)), "it trained"
+    assert all(layer.trainable for layer in model.layers), "BatchNorm trainable again afterwards"
+
+
 def test_the_held_out_fifth_is_fixed_by_the_names() -> None:
     names = [f"study-{i}" for i in range(12)]
     train, held = split_held_out(names)

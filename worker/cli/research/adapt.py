@@ -54,6 +54,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="divide the teacher's logits by this before building targets (>1 softer, <1 harder; default 1)",
     )
     d.add_argument("--no-adabn", action="store_true", help="keep the fine-tuned BatchNorm statistics (no AdaBN)")
+    d.add_argument(
+        "--freeze-batchnorm",
+        action="store_true",
+        help="keep the base model's BatchNorm statistics while fine-tuning (combine with --no-adabn to keep them)",
+    )
     d.add_argument("--steps-per-epoch", type=int, help="default: the site's training slices once an epoch")
 
 
@@ -119,6 +124,7 @@ def _distil(args: argparse.Namespace, settings: Settings, base: Path | None) -> 
             temperature=args.temperature,
             workers=args.workers,
             adabn=not args.no_adabn,
+            freeze_batchnorm=args.freeze_batchnorm,
             rules=options.rules,
             options=options,
             progress=True,
