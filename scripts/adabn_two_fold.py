@@ -31,8 +31,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, default=None, help="weights file (default: the shipped model)")
     parser.add_argument("--site-share", default="1", help="comma-separated site shares to measure (1: plain AdaBN)")
+    parser.add_argument(
+        "--layers", default="all", help="comma-separated numbers of leading BatchNorm layers adapted (default all)"
+    )
     args = parser.parse_args(argv)
-    shares = [float(v) for v in args.site_share.split(",")]
+    layer_counts = [None if v == "all" else int(v) for v in args.layers.split(",")]
+    shares = [(float(v), n) for v in args.site_share.split(",") for n in layer_counts]
 
     from worker.imaging.slice_calibration import calibrate_image
     from worker.measure.image_inference import ImageOptions
@@ -49,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     info = read_model_info(path)
     folds = [pairs[0::2], pairs[1::2]]
     options = ImageOptions()
-    rows: dict[float, list[tuple[str, int, float, float, float, float]]] = {share: [] for share in shares}
+    rows: dict[tuple[float, int | None], list[tuple[str, int, float, float, float, float]]] = {s: [] for s in shares}
     plain = KerasSegmenter(load_keras_model(path), info)
     for k, fold in enumerate(folds):
         other = folds[1 - k]
@@ -60,21 +64,23 @@ def main(argv: list[str] | None = None) -> int:
             inputs.append(x)
         batch = np.concatenate(inputs)[..., None]
         before, _ = score_pairs(fold, segmenter=plain, options=options)
-        for share in shares:
+        for share, n_layers in shares:
             adapted_model = load_keras_model(path)
             source = batchnorm_statistics(adapted_model)
             recalibrate_batchnorm(adapted_model, [batch])
-            if share < 1.0:
-                blend_batchnorm_statistics(adapted_model, source, share)
+            if share < 1.0 or n_layers is not None:
+                blend_batchnorm_statistics(adapted_model, source, share, layers=n_layers)
             after, _ = score_pairs(fold, segmenter=KerasSegmenter(adapted_model, info), options=options)
             for b, a in zip(before.slices, after.slices, strict=True):
                 if b.scored:
-                    rows[share].append((b.name, k, b.dice, a.dice, b.dice_model, a.dice_model))
+                    rows[share, n_layers].append((b.name, k, b.dice, a.dice, b.dice_model, a.dice_model))
                     alone = f"model alone {b.dice_model:.3f} -> {a.dice_model:.3f}"
-                    print(f"share {share:g} fold {k} {b.name}: Dice {b.dice:.3f} -> {a.dice:.3f} ({alone})")
-    for share, got in rows.items():
+                    where = f"share {share:g} layers {n_layers or 'all'} fold {k} {b.name}"
+                    print(f"{where}: Dice {b.dice:.3f} -> {a.dice:.3f} ({alone})")
+    for (share, n_layers), got in rows.items():
         print(
-            f"{info.version}, site share {share:g}: mean Dice {np.mean([r[2] for r in got]):.3f} -> "
+            f"{info.version}, site share {share:g}, BatchNorm layers adapted {n_layers or 'all'}: "
+            f"mean Dice {np.mean([r[2] for r in got]):.3f} -> "
             f"{np.mean([r[3] for r in got]):.3f} with AdaBN (two-fold, {len(got)} slices); model alone "
             f"{np.mean([r[4] for r in got]):.3f} -> {np.mean([r[5] for r in got]):.3f}; found "
             f"{sum(r[2] > 0.1 for r in got)} -> {sum(r[3] > 0.1 for r in got)}"

@@ -56,7 +56,18 @@ def test_adaptation_moves_only_batchnorm_statistics_and_records_provenance(
     base_stats, base_other = _bn_and_other_weights(tiny_model_path)
     new_stats, new_other = _bn_and_other_weights(out)
     assert all(np.array_equal(a, b) for a, b in zip(base_other, new_other, strict=True))
-    assert any(not np.allclose(a, b) for a, b in zip(base_stats, new_stats, strict=True))
+    # the default adapts the stem alone (MODEL_CARD.md): its statistics move, no later layer's
+    assert info.provenance["batchnorm_layers"] == 1 and "the first 1 BatchNorm layer" in info.training_data
+    assert not np.allclose(base_stats[0], new_stats[0]) and not np.allclose(base_stats[1], new_stats[1])
+    assert all(np.array_equal(a, b) for a, b in zip(base_stats[2:], new_stats[2:], strict=True))
+    every = adapt_model(
+        studies_dir=site, out_path=tmp_path / "all.keras", base_model=tiny_model_path, batchnorm_layers=None
+    )
+    all_stats, all_other = _bn_and_other_weights(tmp_path / "all.keras")
+    assert every.adapted.provenance["batchnorm_layers"] == "all" and every.adapted.version != info.version
+    assert np.allclose(all_stats[0], new_stats[0]), "the stem's statistics do not depend on the layers after it"
+    assert sum(not np.allclose(a, b) for a, b in zip(base_stats[2:], all_stats[2:], strict=True)) > len(all_stats) // 2
+    assert all(np.array_equal(a, b) for a, b in zip(base_other, all_other, strict=True))
     # Same studies, same base: the same version (the hash names the data, not the run).
     again = adapt_model(studies_dir=site, out_path=tmp_path / "again.keras", base_model=tiny_model_path)
     assert again.adapted.version == info.version
@@ -106,9 +117,14 @@ def test_the_command_writes_weights_that_segment_loads(
     from worker import cli
 
     out = tmp_path / "adapted.keras"
-    assert cli.main(["adapt", str(site), "--out", str(out), "--model", str(tiny_model_path)]) == 0
+    argv = ["adapt", str(site), "--out", str(out), "--model", str(tiny_model_path), "--batchnorm-layers", "all"]
+    assert cli.main(argv) == 0
     printed = capsys.readouterr().out
     assert "skipped no-images" in printed and "adapted tiny-test-1 to 6 studies" in printed
+    assert read_model_info(out).provenance["batchnorm_layers"] == "all"
+    with pytest.raises(SystemExit) as bad:
+        cli.main([*argv[:-1], "0"])
+    assert bad.value.code == 2 and "at least 1 layer" in capsys.readouterr().err
     result = tmp_path / "seg"
     assert cli.main(["segment", str(site / "study-2"), "--out", str(result), "--model", str(out)]) == 0
     assert json.loads((result / "result.json").read_text())["model"]["version"] == read_model_info(out).version
@@ -148,6 +164,13 @@ def test_a_site_share_mixes_the_site_statistics_with_the_trained_ones(tiny_model
     (m0, v0), (m1, v1), (m, v) = trained[0], site[0], batchnorm_statistics(model)[0]
     assert np.allclose(m, 0.5 * (m0 + m1), atol=1e-5)
     assert np.allclose(v, 0.5 * (v0 + v1) + 0.25 * (m1 - m0) ** 2, rtol=1e-5, atol=1e-6)
+    set_site()
+    blend_batchnorm_statistics(model, trained, 1.0, layers=2)  # the first two layers adapted, the rest restored
+    now = batchnorm_statistics(model)
+    assert all(np.allclose(a[0], b[0]) for a, b in zip(now[:2], site[:2], strict=True))
+    assert all(
+        np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1]) for a, b in zip(now[2:], trained[2:], strict=True)
+    )
     with pytest.raises(ConfigurationError, match="between 0 and 1"):
         blend_batchnorm_statistics(model, trained, 1.5)
 

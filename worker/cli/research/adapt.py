@@ -31,6 +31,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="the site's share of the new BatchNorm statistics, above 0 up to 1 (1: plain AdaBN; "
         "default: the value MODEL_CARD.md measured)",
     )
+    p.add_argument(
+        "--batchnorm-layers",
+        type=_layers,
+        default=None,
+        metavar="N|all",
+        help="adapt only the first N BatchNorm layers from the input, or all (plain AdaBN); "
+        "default: the value MODEL_CARD.md measured",
+    )
     d = p.add_argument_group("distillation (--teacher)")
     d.add_argument("--teacher", choices=TEACHERS, help="distil this teacher's view of blood into the model")
     d.add_argument("--teacher-models", nargs="+", metavar="NAME", help="teacher models (default: its ensemble)")
@@ -62,6 +70,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     d.add_argument("--steps-per-epoch", type=int, help="default: the site's training slices once an epoch")
 
 
+def _layers(text: str) -> int | str:
+    if text == "all":
+        return text
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of layers or all, got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"at least 1 layer, got {n}")
+    return n
+
+
 def run(args: argparse.Namespace, settings: Settings) -> int:
     from worker.model import framework
 
@@ -70,7 +90,9 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     if args.teacher:
         return _distil(args, settings, base)
     from worker.imaging.series_selection import SelectionRules
-    from worker.research.adaptation import DEFAULT_SITE_SHARE, adapt_model
+    from worker.research.adaptation import DEFAULT_BATCHNORM_LAYERS, DEFAULT_SITE_SHARE, adapt_model
+
+    layers = args.batchnorm_layers
 
     report = adapt_model(
         studies_dir=args.studies,
@@ -79,6 +101,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         rules=SelectionRules.from_settings(settings),
         progress=True,
         site_share=DEFAULT_SITE_SHARE if args.site_share is None else args.site_share,
+        batchnorm_layers=DEFAULT_BATCHNORM_LAYERS if layers is None else (None if layers == "all" else int(layers)),
     )
     for skipped in report.skipped:
         print(f"skipped {skipped.name}: {skipped.reason} [{skipped.code}]")
