@@ -66,7 +66,15 @@ from worker.measure import postprocess, volume
 from worker.measure.pipeline import SegmentationOptions
 from worker.model import preprocess
 from worker.model.weights import ModelInfo, default_model_path, read_model_info, resolve_model_path
-from worker.research.adaptation import MIN_STUDIES, SkippedStudy, adabn_batches, study_folders
+from worker.research.adaptation import (
+    DEFAULT_BATCHNORM_LAYERS,
+    MIN_STUDIES,
+    SkippedStudy,
+    adabn_batches,
+    batchnorm_statistics,
+    blend_batchnorm_statistics,
+    study_folders,
+)
 from worker.research.teacher_labels import (
     LabelledStudy,
     TeacherIdentity,
@@ -124,6 +132,7 @@ class DistillConfig:
     temperature: float = 1.0  # the teacher's logits divided by this before any target is built
     workers: int = 1
     adabn: bool = True  # recompute BatchNorm statistics on the site's training slices after fine-tuning
+    batchnorm_layers: int | None = DEFAULT_BATCHNORM_LAYERS  # AdaBN on the first this many layers (None: all)
     freeze_batchnorm: bool = False  # BatchNorm in inference mode while fine-tuning: its statistics stay the base's
     seed: int = 0
     min_studies: int = MIN_STUDIES
@@ -472,11 +481,16 @@ def agreements(
     }
 
 
+def _which_layers(config: DistillConfig) -> str:
+    return "every layer" if config.batchnorm_layers is None else f"the first {config.batchnorm_layers} layer(s)"
+
+
 def _version(base: ModelInfo, teacher: TeacherIdentity, uids: Sequence[str], config: DistillConfig) -> str:
     recipe: list[Any] = [config.targets, config.epochs, config.synthetic_share, config.synthetic_samples, config.seed]
     recipe += [] if config.adabn else ["no-adabn"]
     recipe += [] if config.temperature == 1.0 else [f"T{config.temperature:g}"]
     recipe += ["frozen-bn"] if config.freeze_batchnorm else []
+    recipe += [] if not config.adabn or config.batchnorm_layers is None else [f"adabn-{config.batchnorm_layers}"]
     text = "\n".join([base.sha256, *teacher.sha256, *sorted(uids), json.dumps(recipe)])
     return f"{base.version}-distilled-{hashlib.sha256(text.encode()).hexdigest()[:8]}"
 
@@ -517,7 +531,10 @@ def distill(config: DistillConfig) -> DistillationReport:
     images, targets, uids = _site_slices(train, info=base, config=config, base_predict=keras_predictor(model))
     steps, epoch_losses = fine_tune(model, images=images, targets=targets, bank=bank, config=config)
     if config.adabn:
+        tuned = batchnorm_statistics(model)
         recalibrate_batchnorm(model, adabn_batches(images, seed=config.seed))
+        if config.batchnorm_layers is not None:
+            blend_batchnorm_statistics(model, tuned, 1.0, layers=config.batchnorm_layers)
     scores = agreements(
         {"distilled": keras_predictor(model), "base": keras_predictor(load_keras_model(base_path))},
         held,
@@ -537,6 +554,7 @@ def distill(config: DistillConfig) -> DistillationReport:
         "temperature": config.temperature,
         "adabn": config.adabn,
         "freeze_batchnorm": config.freeze_batchnorm,
+        "batchnorm_layers": "all" if config.batchnorm_layers is None else config.batchnorm_layers,
         "n_studies_train": len(train),
         "n_slices_train": len(images),
         "n_studies_held_out": len(held),
@@ -561,7 +579,7 @@ def distill(config: DistillConfig) -> DistillationReport:
             f"{config.targets} targets, temperature {config.temperature:g}) on {len(train)} unlabelled site "
             f"studies ({len(images)} slices), mixed with "
             f"synthetic samples at share {provenance['synthetic_share']}"
-            + (", BatchNorm statistics recomputed (AdaBN)" if config.adabn else "")
+            + (f", BatchNorm statistics of {_which_layers(config)} recomputed (AdaBN)" if config.adabn else "")
         ),
         provenance=provenance,
     )

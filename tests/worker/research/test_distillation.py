@@ -204,6 +204,7 @@ def test_the_command_runs_end_to_end_and_never_trains_on_the_held_out_fifth(
     assert prov["teacher_models"] == list(tiny_teacher.names) and prov["teacher_sha256"] == list(tiny_teacher.sha256)
     assert prov["n_studies_train"] == 5 and prov["n_studies_held_out"] == 1 and prov["n_slices_train"] == 30
     assert prov["epochs"] == 1 and prov["targets"] == "grown" and prov["adabn"] is True and prov["date"]
+    assert prov["batchnorm_layers"] == 1 and prov["freeze_batchnorm"] is False
     cache = tmp_path / "teacher-labels"
     assert len(list(cache.glob("study-*.npz"))) == 6 and not list(cache.glob("*.tmp*"))
 
@@ -215,11 +216,12 @@ def test_the_command_runs_end_to_end_and_never_trains_on_the_held_out_fifth(
     teacher_calls.clear()
     union = tmp_path / "union.keras"
     argv[argv.index(str(out))] = str(union)
-    argv += ["--cache", str(cache), "--targets", "union", "--temperature", "2"]
-    assert cli.main(argv) == 0
+    argv += ["--cache", str(cache), "--targets", "union", "--temperature", "2", "--freeze-batchnorm"]
+    assert cli.main([*argv, "--batchnorm-layers", "all"]) == 0
     assert teacher_calls == [] and "6 studies (6 from the cache)" in capsys.readouterr().out
     prov = read_model_info(union).provenance
-    assert prov["targets"] == "union" and prov["temperature"] == 2.0
+    assert prov["targets"] == "union" and prov["temperature"] == 2.0 and prov["freeze_batchnorm"] is True
+    assert prov["batchnorm_layers"] == "all" and "every layer" in read_model_info(union).training_data
     assert read_model_info(union).version != info.version
 
 

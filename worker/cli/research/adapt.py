@@ -82,6 +82,15 @@ def _layers(text: str) -> int | str:
     return n
 
 
+def _batchnorm_layers(value: int | str | None) -> int | None:
+    """``--batchnorm-layers`` as the research functions take it: None for all, else a count."""
+    from worker.research.adaptation import DEFAULT_BATCHNORM_LAYERS
+
+    if value is None:
+        return DEFAULT_BATCHNORM_LAYERS
+    return None if value == "all" else int(value)
+
+
 def run(args: argparse.Namespace, settings: Settings) -> int:
     from worker.model import framework
 
@@ -90,9 +99,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     if args.teacher:
         return _distil(args, settings, base)
     from worker.imaging.series_selection import SelectionRules
-    from worker.research.adaptation import DEFAULT_BATCHNORM_LAYERS, DEFAULT_SITE_SHARE, adapt_model
-
-    layers = args.batchnorm_layers
+    from worker.research.adaptation import DEFAULT_SITE_SHARE, adapt_model
 
     report = adapt_model(
         studies_dir=args.studies,
@@ -101,7 +108,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         rules=SelectionRules.from_settings(settings),
         progress=True,
         site_share=DEFAULT_SITE_SHARE if args.site_share is None else args.site_share,
-        batchnorm_layers=DEFAULT_BATCHNORM_LAYERS if layers is None else (None if layers == "all" else int(layers)),
+        batchnorm_layers=_batchnorm_layers(args.batchnorm_layers),
     )
     for skipped in report.skipped:
         print(f"skipped {skipped.name}: {skipped.reason} [{skipped.code}]")
@@ -148,6 +155,7 @@ def _distil(args: argparse.Namespace, settings: Settings, base: Path | None) -> 
             workers=args.workers,
             adabn=not args.no_adabn,
             freeze_batchnorm=args.freeze_batchnorm,
+            batchnorm_layers=_batchnorm_layers(args.batchnorm_layers),
             rules=options.rules,
             options=options,
             progress=True,
