@@ -1,6 +1,8 @@
 """Convert the BLAST-CT PyTorch weights (legacy ``torch.save`` state dicts) to the project's ``.npz``.
 
-Run once, with the ``convert`` extra (torch) installed; nothing at run time imports torch::
+Run once; nothing at run time imports torch. The BLAST-CT files are in torch's legacy
+(pre-zip) format, which :func:`read_legacy_state` reads without torch (it reproduces the
+torch-converted shipped files exactly); zip-format files need the ``convert`` extra (torch)::
 
     python scripts/convert_blast_ct.py ../shared/data/blast-ct-models worker/weights/blast_ct \\
         --models model_1 model_2 model_3
@@ -19,8 +21,11 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import pickle
 import re
+from collections import OrderedDict
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -46,10 +51,97 @@ def convert_state_dict(state: dict[str, np.ndarray], *, conv_dtype: type = np.fl
 
 
 def load_torch_state(path: Path) -> dict[str, np.ndarray]:
+    """The state dict as NumPy arrays: legacy files (BLAST-CT's) without torch, others with it."""
+    with open(path, "rb") as f:
+        legacy = not f.read(2).startswith(b"PK")  # the zip format of torch >= 1.6 starts with "PK"
+    if legacy:
+        return read_legacy_state(path)
     import torch  # the convert extra only
 
     state = torch.load(path, map_location="cpu", weights_only=True)
     return {name: tensor.detach().cpu().numpy() for name, tensor in state.items()}
+
+
+LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+TORCH_DTYPES = {
+    "FloatStorage": np.float32,
+    "DoubleStorage": np.float64,
+    "HalfStorage": np.float16,
+    "LongStorage": np.int64,
+    "IntStorage": np.int32,
+    "ShortStorage": np.int16,
+    "CharStorage": np.int8,
+    "ByteStorage": np.uint8,
+    "BoolStorage": np.bool_,
+}
+
+
+class _Storage:
+    """A storage named in the pickle; its bytes are read after it."""
+
+    def __init__(self, dtype: type, numel: int) -> None:
+        self.dtype, self.numel = np.dtype(dtype), numel
+        self.data: np.ndarray = np.empty(0, dtype=self.dtype)
+
+
+class _Tensor:
+    """A tensor as the pickle describes it: a strided view of a storage."""
+
+    def __init__(self, storage: _Storage, offset: int, size: tuple[int, ...], stride: tuple[int, ...]) -> None:
+        self.storage, self.offset, self.size, self.stride = storage, offset, tuple(size), tuple(stride)
+
+    def array(self) -> np.ndarray:
+        data = self.storage.data
+        item = data.itemsize
+        view = np.lib.stride_tricks.as_strided(
+            data[self.offset :], shape=self.size, strides=tuple(s * item for s in self.stride)
+        )
+        return np.array(view)
+
+
+def _rebuild(storage: _Storage, offset: int, size: tuple[int, ...], stride: tuple[int, ...], *rest: Any) -> _Tensor:
+    """Stands in for ``torch._utils._rebuild_tensor_v2``."""
+    return _Tensor(storage, offset, size, stride)
+
+
+def read_legacy_state(path: Path) -> dict[str, np.ndarray]:
+    """A legacy (pre-zip) ``torch.save`` state dict as NumPy arrays, without torch.
+
+    The format: four pickles (magic number, protocol, system info, the state dict whose
+    tensors name their storages by persistent id), the list of storage keys, then each
+    storage as an int64 element count and its raw little-endian bytes. Only what a state
+    dict of plain tensors holds is accepted; anything else is refused, never executed.
+    """
+    storages: dict[str, _Storage] = {}
+
+    class Unpickler(pickle.Unpickler):
+        def find_class(self, module: str, name: str) -> Any:
+            if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
+                return _rebuild
+            if (module, name) == ("collections", "OrderedDict"):
+                return OrderedDict
+            if module == "torch" and name in TORCH_DTYPES:
+                return TORCH_DTYPES[name]
+            raise pickle.UnpicklingError(f"unexpected {module}.{name} in a state dict")
+
+        def persistent_load(self, pid: Any) -> _Storage:
+            kind, dtype, key, _location, numel, *_ = pid
+            if kind != "storage":
+                raise pickle.UnpicklingError(f"unexpected persistent id {kind!r}")
+            return storages.setdefault(str(key), _Storage(dtype, int(numel)))
+
+    with open(path, "rb") as f:
+        if pickle.load(f) != LEGACY_MAGIC:
+            raise ValueError(f"{path} is not a legacy torch.save file")
+        pickle.load(f)  # protocol version
+        pickle.load(f)  # system info
+        state = Unpickler(f).load()
+        keys = pickle.load(f)
+        for key in keys:
+            storage = storages[str(key)]
+            numel = int(np.frombuffer(f.read(8), dtype="<i8")[0])
+            storage.data = np.frombuffer(f.read(numel * storage.dtype.itemsize), dtype=storage.dtype)
+    return {name: t.array() for name, t in state.items()}
 
 
 def sha256_of(path: Path) -> str:
