@@ -116,6 +116,7 @@ def test_targets_soft_grown_and_union() -> None:
         distillation.distillation_targets(teacher, series, targets="hard", options=options)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("freeze", [False, True])
 def test_fine_tuning_moves_the_batchnorm_statistics_unless_frozen(tiny_model_path: Path, freeze: bool) -> None:
     from worker.model.networks import load_keras_model
