@@ -38,9 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     layer_counts = [None if v == "all" else int(v) for v in args.layers.split(",")]
     shares = [(float(v), n) for v in args.site_share.split(",") for n in layer_counts]
 
-    from worker.imaging.slice_calibration import calibrate_image
-    from worker.measure.image_inference import ImageOptions
-    from worker.model import preprocess
+    from worker.measure.image_inference import ImageOptions, model_input
     from worker.model.engines import KerasSegmenter
     from worker.model.networks import load_keras_model
     from worker.model.weights import read_model_info, resolve_model_path
@@ -57,12 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     plain = KerasSegmenter(load_keras_model(path), info)
     for k, fold in enumerate(folds):
         other = folds[1 - k]
-        inputs = []
-        for pair in other:
-            cal = calibrate_image(pair.image, model_window=info.hu_window)
-            x, _ = preprocess.to_model_input(cal.to_hu(pair.image)[None], size=info.input_size, window=info.hu_window)
-            inputs.append(x)
-        batch = np.concatenate(inputs)[..., None]
+        batch = np.concatenate([model_input(pair.image, info=info, options=options)[2] for pair in other])[..., None]
         before, _ = score_pairs(fold, segmenter=plain, options=options)
         for share, n_layers in shares:
             adapted_model = load_keras_model(path)

@@ -31,8 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from worker.imaging.dicom_load import load_study
-    from worker.measure import postprocess, volume
-    from worker.measure.pipeline import SegmentationOptions
+    from worker.measure import volume
+    from worker.measure.pipeline import SegmentationOptions, final_mask
     from worker.model import preprocess
     from worker.model.networks import load_keras_model
     from worker.model.weights import read_model_info
@@ -63,15 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         masks = {"teacher": (read_label(cached[0]).hemorrhage >= TEACHER_THRESHOLD).astype(np.uint8)}
         for name, (info, predict) in models.items():
             x, fit = preprocess.to_model_input(series.hu, size=info.input_size, window=info.hu_window)
-            masks[name] = postprocess.postprocess(
-                preprocess.to_native(predict(x), fit),
-                hu=series.hu,
-                threshold=options.threshold,
-                min_component_ml=options.min_component_ml,
-                restrict_to_intracranial=options.intracranial_only,
-                growth=options.growth,
-                **geometry,  # type: ignore[arg-type]
-            )
+            masks[name] = final_mask(preprocess.to_native(predict(x), fit), series, options)
         cells = []
         for name in columns:
             dice = mask_dice(masks[name], truth)

@@ -42,8 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--freeze-batchnorm", action="store_true", help="BatchNorm statistics fixed while fine-tuning")
     args = parser.parse_args(argv)
 
-    from worker.imaging.slice_calibration import calibrate_image
-    from worker.measure.image_inference import ImageOptions
+    from worker.measure.image_inference import ImageOptions, model_input
     from worker.model import preprocess
     from worker.model.engines import KerasSegmenter
     from worker.model.networks import load_keras_model
@@ -79,8 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         _, pseudo = score_pairs(other, segmenter=plain, options=options)
         images, targets = [], []
         for pair, mask in zip(other, pseudo, strict=True):
-            cal = calibrate_image(pair.image, model_window=info.hu_window)
-            x, fit = preprocess.to_model_input(cal.to_hu(pair.image)[None], size=info.input_size, window=info.hu_window)
+            _, _, x, fit = model_input(pair.image, info=info, options=options)
             images.append(x)
             targets.append(preprocess.soft_to_model((mask > 0).astype(np.float32)[None], fit))
         x_site, y_site = np.concatenate(images), np.concatenate(targets)

@@ -30,9 +30,9 @@ from worker.imaging.slice_calibration import ImageCalibration, calibrate_image
 from worker.measure.image_skull import ImageSkull, image_skull
 from worker.measure.seeded_growth import GrowthSettings, blood_region, grow_from_seeds
 from worker.model import preprocess
-from worker.model.weights import Segmenter
+from worker.model.weights import ModelInfo, Segmenter
 
-__all__ = ["ImageOptions", "ImagePrediction", "predict_slices"]
+__all__ = ["ImageOptions", "ImagePrediction", "model_input", "predict_slices"]
 
 U8 = npt.NDArray[np.uint8]
 F32 = npt.NDArray[np.float32]
@@ -102,6 +102,19 @@ def _finish(
     return ImagePrediction(mask, model_mask, probabilities, calibration, skull, hu)
 
 
+def model_input(
+    image: U8, *, info: ModelInfo, options: ImageOptions
+) -> tuple[ImageCalibration, F32, F32, preprocess.Fit]:
+    """One 8-bit slice as the model sees it: its calibration, its HU ``(rows, columns)``, the
+    model input ``(1, S, S)`` in [-1, 1] and the fit back to the image grid."""
+    calibration = calibrate_image(
+        image, method=options.calibration, model_window=info.hu_window, display_window=options.display_window
+    )
+    hu = calibration.to_hu(image)
+    x, fit = preprocess.to_model_input(hu[None], size=info.input_size, window=info.hu_window)
+    return calibration, hu, x, fit
+
+
 def predict_slices(images: list[U8], *, segmenter: Segmenter, options: ImageOptions) -> list[ImagePrediction]:
     """Segment 8-bit slices ``(rows, columns)`` of any sizes (module docstring), in one model batch."""
     if not images:
@@ -111,11 +124,7 @@ def predict_slices(images: list[U8], *, segmenter: Segmenter, options: ImageOpti
     fits: list[preprocess.Fit] = []
     readings: list[tuple[ImageCalibration, F32]] = []
     for image in images:
-        calibration = calibrate_image(
-            image, method=options.calibration, model_window=info.hu_window, display_window=options.display_window
-        )
-        hu = calibration.to_hu(image)
-        x, fit = preprocess.to_model_input(hu[None], size=info.input_size, window=info.hu_window)
+        calibration, hu, x, fit = model_input(image, info=info, options=options)
         inputs.append(x)
         fits.append(fit)
         readings.append((calibration, hu))

@@ -81,6 +81,21 @@ class SegmentationOptions:
         )
 
 
+def final_mask(probabilities: np.ndarray, series: CtSeries, options: SegmentationOptions) -> np.ndarray:
+    """The pipeline's post-processing (:func:`worker.measure.postprocess.postprocess`) with
+    ``options``: the final uint8 mask ``(z, y, x)`` from native-grid probabilities of ``series``."""
+    return postprocess.postprocess(
+        probabilities,
+        hu=series.hu,
+        pixel_spacing_mm=series.pixel_spacing_mm,
+        slab_thickness_mm=series.slab_thickness_mm,
+        threshold=options.threshold,
+        min_component_ml=options.min_component_ml,
+        restrict_to_intracranial=options.intracranial_only,
+        growth=options.growth,
+    )
+
+
 def growth_settings(settings: Settings) -> GrowthSettings:
     """The seeded-growth rule as :class:`Settings` configure it (``ICHVOL_GROWTH*``)."""
     return GrowthSettings(
@@ -205,16 +220,7 @@ def _measure(
             raise StudyError(ErrorCode.MODEL_ERROR, f"the model failed on this series: {exc}") from exc
     with timer.stage("postprocess"):
         probabilities = preprocess.to_native(probabilities_small, fit)
-        mask = postprocess.postprocess(
-            probabilities,
-            hu=series.hu,
-            pixel_spacing_mm=series.pixel_spacing_mm,
-            slab_thickness_mm=series.slab_thickness_mm,
-            threshold=options.threshold,
-            min_component_ml=options.min_component_ml,
-            restrict_to_intracranial=options.intracranial_only,
-            growth=options.growth,
-        )
+        mask = final_mask(probabilities, series, options)
         volume_ml = volume.planimetric_volume_ml(
             mask, pixel_spacing_mm=series.pixel_spacing_mm, slab_thickness_mm=series.slab_thickness_mm
         )

@@ -63,7 +63,7 @@ from worker.core.ct import CtSeries
 from worker.core.errors import ConfigurationError, StudyError
 from worker.imaging.series_selection import SelectionRules
 from worker.measure import volume
-from worker.measure.pipeline import SegmentationOptions
+from worker.measure.pipeline import SegmentationOptions, final_mask
 from worker.model import preprocess
 from worker.model.weights import ModelInfo, default_model_path, read_model_info, resolve_model_path
 from worker.research.adaptation import (
@@ -75,7 +75,7 @@ from worker.research.adaptation import (
     blend_batchnorm_statistics,
     study_folders,
 )
-from worker.research.distillation_targets import TARGETS, TEACHER_THRESHOLD, distillation_targets, final_mask, tempered
+from worker.research.distillation_targets import TARGETS, TEACHER_THRESHOLD, distillation_targets, tempered
 from worker.research.teacher_labels import (
     LabelledStudy,
     TeacherIdentity,
@@ -93,7 +93,6 @@ __all__ = [
     "DistillationReport",
     "distill",
     "distillation_targets",
-    "final_mask",
     "fine_tune",
     "split_held_out",
     "synthetic_bank",

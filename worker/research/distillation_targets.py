@@ -20,7 +20,7 @@ from worker.core.errors import ConfigurationError
 from worker.measure import postprocess
 from worker.measure.pipeline import SegmentationOptions
 
-__all__ = ["TARGETS", "TEACHER_THRESHOLD", "distillation_targets", "final_mask", "tempered"]
+__all__ = ["TARGETS", "TEACHER_THRESHOLD", "distillation_targets", "tempered"]
 
 F32 = npt.NDArray[np.float32]
 
@@ -81,17 +81,3 @@ def distillation_targets(
             raise ConfigurationError("union targets need the base model's mask on the same grid")
         target = np.maximum(target, (np.asarray(base_mask) != 0).astype(np.float32))
     return target
-
-
-def final_mask(probability: F32, series: CtSeries, options: SegmentationOptions) -> npt.NDArray[np.uint8]:
-    """The post-processing of ``ichvol segment`` on a native-grid probability ``(z, y, x)``."""
-    return postprocess.postprocess(
-        probability,
-        hu=series.hu,
-        pixel_spacing_mm=series.pixel_spacing_mm,
-        slab_thickness_mm=series.slab_thickness_mm,
-        threshold=options.threshold,
-        min_component_ml=options.min_component_ml,
-        restrict_to_intracranial=options.intracranial_only,
-        growth=options.growth,
-    )
