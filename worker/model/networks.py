@@ -182,3 +182,9 @@ def load_keras_model(path: Path) -> Any:
         return keras.saving.load_model(path, compile=False)
     except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
         raise ModelFileError(f"cannot load model {path.name}: {exc}") from None
+
+
+def norm_layers(model: Any) -> list[Any]:
+    """Every BatchNormalization layer of ``model``, in layer order (from the input)."""
+    keras = framework.keras()
+    return [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]

@@ -158,16 +158,14 @@ def adabn_batches(images: F32, *, seed: int) -> list[F32]:
 
 def batchnorm_statistics(model: object) -> list[tuple[F32, F32]]:
     """Every BatchNormalization layer's (moving mean, moving variance), in layer order (copies)."""
-    from worker.model import framework
+    from worker.model.networks import norm_layers
 
-    keras = framework.keras()
     return [
         (
             np.array(layer.moving_mean.numpy(), dtype=np.float32),
             np.array(layer.moving_variance.numpy(), dtype=np.float32),
         )
-        for layer in model.layers  # type: ignore[attr-defined]
-        if isinstance(layer, keras.layers.BatchNormalization)
+        for layer in norm_layers(model)
     ]
 
 
@@ -184,18 +182,16 @@ def blend_batchnorm_statistics(
     """
     if not 0.0 <= site_share <= 1.0:
         raise ConfigurationError(f"the site share must be between 0 and 1, got {site_share}")
-    from worker.model import framework
+    from worker.model.networks import norm_layers
 
-    keras = framework.keras()
-    first = layers
-    if first is not None and first < 0:
-        raise ConfigurationError(f"the number of adapted BatchNorm layers must be 0 or more, got {first}")
-    norms = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]  # type: ignore[attr-defined]
+    if layers is not None and layers < 0:
+        raise ConfigurationError(f"the number of adapted BatchNorm layers must be 0 or more, got {layers}")
+    norms = norm_layers(model)
     if len(norms) != len(source):
         raise ValueError(f"{len(source)} source statistics for {len(norms)} BatchNorm layers")
     s = float(site_share)
     for k, (layer, (mean0, var0)) in enumerate(zip(norms, source, strict=True)):
-        if first is not None and k >= first:
+        if layers is not None and k >= layers:
             layer.moving_mean.assign(mean0)
             layer.moving_variance.assign(var0)
             continue

@@ -349,7 +349,9 @@ def fine_tune(model: Any, *, images: F32, targets: F32, bank: Any, config: Disti
         shuffle_buffer=1,
     )
     steps = config.steps_per_epoch or max(1, -(-round(len(images) / (1.0 - share)) // config.batch_size))
-    norms = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    from worker.model.networks import norm_layers
+
+    norms = norm_layers(model)
     for layer in norms if config.freeze_batchnorm else ():
         layer.trainable = False
     model.compile(optimizer=keras.optimizers.Adam(learning_rate=config.learning_rate), loss=losses.bce_dice_loss)

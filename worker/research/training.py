@@ -265,9 +265,10 @@ def recalibrate_batchnorm(model: Any, batches: Any) -> int:
     what training optimised. Returns the number of batches used (0: nothing changed).
     The layers' momentum is restored; the weights are not touched.
     """
-    keras = framework.keras()
     tf = framework.tf()
-    layers = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    from worker.model.networks import norm_layers
+
+    layers = norm_layers(model)
     if not layers:
         return 0
     momenta = [layer.momentum for layer in layers]
@@ -342,9 +343,10 @@ def _fit(
         # A resumed run's own backup replaces these weights when fitting starts.
         model.set_weights(load_keras_model(Path(config.init_weights)).get_weights())
     if config.bn_momentum is not None:
-        for layer in model.layers:
-            if isinstance(layer, keras.layers.BatchNormalization):
-                layer.momentum = float(config.bn_momentum)
+        from worker.model.networks import norm_layers
+
+        for layer in norm_layers(model):
+            layer.momentum = float(config.bn_momentum)
     steps = config.steps_per_epoch or max(1, -(-len(train_data) // config.batch_size))
     model.compile(
         optimizer=keras.optimizers.Adam(learning_rate=learning_rate_for(config, steps_per_epoch=steps)),
