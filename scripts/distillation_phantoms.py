@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         masks = {"teacher": (read_label(cached[0]).hemorrhage >= TEACHER_THRESHOLD).astype(np.uint8)}
         for name, (info, predict) in models.items():
             x, fit = preprocess.to_model_input(series.hu, size=info.input_size, window=info.hu_window)
-            masks[name] = final_mask(preprocess.to_native(predict(x), fit), series, options)
+            masks[name] = final_mask(preprocess.to_native(predict(x), fit), series, options.for_model(info))
         cells = []
         for name in columns:
             dice = mask_dice(masks[name], truth)

@@ -4,9 +4,9 @@
 Research use only, not for clinical use.
 
 What a user would run, end to end: each phantom is written as a DICOM study, measured
-with :func:`worker.pipeline.segment_study` and the shipped post-processing (threshold 0.5,
-intracranial restriction, seeded growth unless ``--no-growth``, components under 0.05 mL
-dropped), and compared with its truth:
+with :func:`worker.pipeline.segment_study` and the shipped post-processing (the model's
+calibrated threshold unless ``--threshold``, intracranial restriction, seeded growth unless
+``--no-growth``, components under 0.05 mL dropped), and compared with its truth:
 
 * Dice of the 3-D mask against the truth mask (voxel centres inside the lesion);
 * volume error = measured mL - true (analytic) mL, and the relative error.
@@ -98,6 +98,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--json", type=Path, default=None, help="write every result here")
     parser.add_argument("--no-growth", action="store_true", help="switch seeded growth off (on by default)")
+    parser.add_argument(
+        "--threshold", type=float, default=None, help="decision threshold (default: the one calibrated for the model)"
+    )
     parser.add_argument("--engine", default="folded", help="inference engine (default: folded, float32)")
     parser.add_argument(
         "--teacher",
@@ -113,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     from worker.model.engines import load_segmenter
     from worker.synth.phantom import LesionSpec
 
-    options = SegmentationOptions(growth=GrowthSettings(enabled=not args.no_growth))
+    options = SegmentationOptions(threshold=args.threshold, growth=GrowthSettings(enabled=not args.no_growth))
     if args.teacher is not None:
         from worker.measure.teacher import load_teacher
         from worker.measure.teacher_study import teacher_study

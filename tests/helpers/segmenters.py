@@ -3,6 +3,8 @@
 ``HuBandSegmenter`` calls "hematoma" every pixel whose windowed intensity falls in the
 acute-blood band (50-90 HU by default): on phantoms, whose blood is 50-90 HU, it finds the
 lesions, so end-to-end tests can check volumes against the truth without a trained model.
+``probability`` is what it gives those pixels (1.0 by default) and ``threshold`` the
+decision threshold its metadata names (as a calibrated weights file's does).
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ class HuBandSegmenter:
         window: tuple[float, float] = (-20.0, 100.0),
         band_hu: tuple[float, float] = (50, 90),
         version: str = "hu-band-1",
+        probability: float = 1.0,
+        threshold: float = 0.5,
     ) -> None:
         self._info = ModelInfo(
             name="HU band (test)",
@@ -30,7 +34,9 @@ class HuBandSegmenter:
             hu_window=window,
             version=version,
             sha256="0" * 64,
+            threshold=threshold,
         )
+        self._probability = probability
         low, high = window
         self._band = tuple((b - low) / (high - low) * 2 - 1 for b in band_hu)
         self.calls = 0
@@ -42,4 +48,4 @@ class HuBandSegmenter:
     def predict(self, images: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
         self.calls += 1
         lo, hi = self._band
-        return ((images >= lo) & (images <= hi)).astype(np.float32)
+        return ((images >= lo) & (images <= hi)).astype(np.float32) * np.float32(self._probability)

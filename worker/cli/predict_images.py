@@ -31,7 +31,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("out_dir", type=Path, metavar="OUT_DIR", help="output folder (created)")
     p.add_argument("--model", dest="model_path", help="weights file (.keras); default: ICHVOL_MODEL or the shipped one")
     p.add_argument("--batch-size", dest="inference_batch_size", type=int, help="images per model call")
-    p.add_argument("--threshold", type=float, help="probability threshold (default 0.5)")
+    p.add_argument(
+        "--threshold", type=float, help="probability threshold (default: the model's calibrated one, in its metadata)"
+    )
     p.add_argument("--pixel-spacing", type=_spacing, metavar="MM[,MM]", help="of these images' pixels: areas in mm2")
     p.add_argument("--slice-thickness", type=float, metavar="MM", help="with --pixel-spacing: volumes in mL")
     add_image_options(p)

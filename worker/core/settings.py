@@ -75,6 +75,10 @@ def _parse_probability(raw: str) -> float:
     return value
 
 
+def _parse_optional_probability(raw: str) -> float | None:
+    return _parse_probability(raw) if raw.strip() else None
+
+
 def _default_work_dir() -> str:
     return str(Path(tempfile.gettempdir()) / "ichvol")
 
@@ -87,7 +91,12 @@ class Settings:
     model_path: str | None = _setting(
         "ICHVOL_MODEL", None, "Path of a `.keras` weights file; empty: the default shipped in the package."
     )
-    threshold: float = _setting("ICHVOL_THRESHOLD", 0.5, "Probability above which a pixel is hematoma.")
+    threshold: float | None = _setting(
+        "ICHVOL_THRESHOLD",
+        None,
+        "Probability above which a pixel is hematoma; empty: the threshold calibrated for the model "
+        "(in its metadata; 0.5 where it names none; `ichvol model-info` shows it).",
+    )
     min_component_ml: float = _setting(
         "ICHVOL_MIN_COMPONENT_ML",
         0.05,
@@ -377,7 +386,7 @@ class Settings:
 
 def _parser_for(f: dataclasses.Field[Any]) -> Callable[[str], Any]:
     special: dict[str, Callable[[str], Any]] = {
-        "threshold": _parse_probability,
+        "threshold": _parse_optional_probability,
         "growth_seed_probability": _parse_probability,
         "growth_hu_low": float,
         "growth_hu_high": float,

@@ -40,9 +40,11 @@ F32 = npt.NDArray[np.float32]
 
 @dataclass(frozen=True)
 class ImageOptions:
-    """How images are read and post-processed (module docstring). HU, mm, probability."""
+    """How images are read and post-processed (module docstring). HU, mm, probability.
 
-    threshold: float = 0.5
+    ``threshold`` None: the decision threshold calibrated for the model (its metadata)."""
+
+    threshold: float | None = None
     calibration: str = "parenchyma"  # "parenchyma", "window" or "none"
     display_window: tuple[float, float] | None = None  # HU of levels 0 and 255, for "window"
     intracranial: bool = True
@@ -59,6 +61,10 @@ class ImageOptions:
             "growth": self.growth.as_json(),
             "min_area_mm2": self.min_area_mm2,
         }
+
+    def for_model(self, info: ModelInfo) -> ImageOptions:
+        """These options with the threshold the model's own where none was asked for."""
+        return replace(self, threshold=info.decision_threshold(self.threshold))
 
 
 @dataclass(frozen=True)
@@ -86,6 +92,8 @@ def _drop_small(mask: U8, *, min_px: float) -> U8:
 def _finish(
     image: U8, hu: F32, probabilities: F32, calibration: ImageCalibration, options: ImageOptions
 ) -> ImagePrediction:
+    if options.threshold is None:
+        raise ValueError("no threshold: resolve the model's own with ImageOptions.for_model(info) first")
     model_mask = (probabilities > options.threshold).astype(np.uint8)
     skull = image_skull(image, pixel_mm=options.pixel_mm) if options.intracranial or options.growth.enabled else None
     mask = model_mask & skull.inside if options.intracranial and skull is not None else model_mask.copy()
@@ -120,6 +128,7 @@ def predict_slices(images: list[U8], *, segmenter: Segmenter, options: ImageOpti
     if not images:
         return []
     info = segmenter.info
+    options = options.for_model(info)
     inputs: list[F32] = []
     fits: list[preprocess.Fit] = []
     readings: list[tuple[ImageCalibration, F32]] = []

@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -43,7 +43,7 @@ from worker.imaging.series_selection import SelectionRules
 from worker.measure import postprocess, volume
 from worker.measure.seeded_growth import GrowthSettings
 from worker.model import preprocess
-from worker.model.weights import Segmenter
+from worker.model.weights import ModelInfo, Segmenter
 from worker.outputs import mask_files as outputs
 from worker.outputs import overlay
 
@@ -62,9 +62,13 @@ STAGES = ("read", "preprocess", "inference", "postprocess", "write")
 
 @dataclass(frozen=True)
 class SegmentationOptions:
-    """Post-processing choices (from :class:`Settings` or the command line)."""
+    """Post-processing choices (from :class:`Settings` or the command line).
 
-    threshold: float = 0.5
+    ``threshold`` None: the decision threshold calibrated for the model (its metadata);
+    :meth:`for_model` makes it a number before a mask is made.
+    """
+
+    threshold: float | None = None
     min_component_ml: float = 0.05
     intracranial_only: bool = True
     rules: SelectionRules = field(default_factory=SelectionRules)
@@ -80,10 +84,17 @@ class SegmentationOptions:
             growth=growth_settings(settings),
         )
 
+    def for_model(self, info: ModelInfo) -> SegmentationOptions:
+        """These options with the threshold the model's own where none was asked for."""
+        return replace(self, threshold=info.decision_threshold(self.threshold))
+
 
 def final_mask(probabilities: np.ndarray, series: CtSeries, options: SegmentationOptions) -> np.ndarray:
     """The pipeline's post-processing (:func:`worker.measure.postprocess.postprocess`) with
-    ``options``: the final uint8 mask ``(z, y, x)`` from native-grid probabilities of ``series``."""
+    ``options``: the final uint8 mask ``(z, y, x)`` from native-grid probabilities of ``series``.
+    The threshold must be a number: :meth:`SegmentationOptions.for_model` resolves a model's own."""
+    if options.threshold is None:
+        raise ValueError("no threshold: resolve the model's own with SegmentationOptions.for_model(info) first")
     return postprocess.postprocess(
         probabilities,
         hu=series.hu,
@@ -220,7 +231,7 @@ def _measure(
             raise StudyError(ErrorCode.MODEL_ERROR, f"the model failed on this series: {exc}") from exc
     with timer.stage("postprocess"):
         probabilities = preprocess.to_native(probabilities_small, fit)
-        mask = final_mask(probabilities, series, options)
+        mask = final_mask(probabilities, series, options.for_model(info))
         volume_ml = volume.planimetric_volume_ml(
             mask, pixel_spacing_mm=series.pixel_spacing_mm, slab_thickness_mm=series.slab_thickness_mm
         )
@@ -376,7 +387,8 @@ def ok_result(
         },
         "model": _model_json(segmenter),
         "postprocessing": {
-            "threshold": options.threshold,
+            "threshold": segmenter.info.decision_threshold(options.threshold),
+            "threshold_source": "model" if options.threshold is None else "setting",
             "min_component_ml": options.min_component_ml,
             "intracranial_only": options.intracranial_only,
             "growth": options.growth.as_json(),

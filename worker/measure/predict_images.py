@@ -150,7 +150,7 @@ def predict_images(
     in_dir: Path,
     out_dir: Path,
     segmenter: Segmenter,
-    threshold: float = 0.5,
+    threshold: float | None = None,
     batch_size: int = 8,
     pixel_spacing_mm: tuple[float, float] | None = None,
     slice_thickness_mm: float | None = None,
@@ -162,13 +162,13 @@ def predict_images(
     ``pixel_spacing_mm`` is (between rows, between columns) of these images' pixels;
     areas in mm^2 need it, volumes need ``slice_thickness_mm`` too (module docstring).
     ``options``: calibration and post-processing (default :class:`ImageOptions` with
-    ``threshold``).
+    ``threshold``; None: the threshold calibrated for the model).
     """
-    options = replace(options or ImageOptions(), threshold=threshold)
+    if threshold is not None and not 0.0 <= threshold <= 1.0:
+        raise ConfigurationError(f"threshold must lie in [0, 1], got {threshold}")
+    options = replace(options or ImageOptions(), threshold=threshold).for_model(segmenter.info)
     if pixel_spacing_mm is not None and options.pixel_mm is None:
         options = replace(options, pixel_mm=math.sqrt(float(pixel_spacing_mm[0]) * float(pixel_spacing_mm[1])))
-    if not 0.0 <= threshold <= 1.0:
-        raise ConfigurationError(f"threshold must lie in [0, 1], got {threshold}")
     if pixel_spacing_mm is not None and not all(math.isfinite(v) and v > 0 for v in pixel_spacing_mm):
         raise ConfigurationError(f"pixel spacing must be positive, got {pixel_spacing_mm}")
     if slice_thickness_mm is not None and not (math.isfinite(slice_thickness_mm) and slice_thickness_mm > 0):
@@ -225,7 +225,7 @@ def predict_images(
             "trained_hu_window": list(segmenter.info.hu_window),
             "engine": getattr(segmenter, "engine", "keras"),
         },
-        "threshold": threshold,
+        "threshold": options.threshold,
         "postprocessing": options.as_json(),
         "pixel_spacing_mm": list(pixel_spacing_mm) if pixel_spacing_mm is not None else None,
         "slice_thickness_mm": slice_thickness_mm,

@@ -2,7 +2,9 @@
 
 A weights file is a Keras 3 ``.keras`` archive (a zip) to which the project adds one
 member, ``ichvol.json``, holding :class:`ModelInfo`: architecture, dims, input size,
-the HU window used for input normalisation, version and the training data description.
+the HU window used for input normalisation, version, the training data description and
+the decision threshold calibrated for these weights (``threshold``; 0.5 where a file
+names none).
 Because it is plain zip + JSON, the scheduler and a worker's parent process can read
 the model name and version without importing TensorFlow.
 
@@ -30,6 +32,8 @@ if TYPE_CHECKING:
 METADATA_MEMBER = "ichvol.json"
 DEFAULT_WEIGHTS_DIR = Path(__file__).parents[1] / "weights"
 DEFAULT_WEIGHTS_NAME = "drunet_default.keras"
+#: The decision threshold of weights whose metadata names none (a sigmoid's natural 0.5).
+DEFAULT_THRESHOLD = 0.5
 
 
 @dataclass(frozen=True)
@@ -49,6 +53,14 @@ class ModelInfo:
     # Where the weights came from when they were derived from others (site adaptation,
     # distillation): the base model's version and sha256, the method, the data counts, the date.
     provenance: dict[str, Any] = field(default_factory=dict)
+    # The decision threshold calibrated for these weights (probability; a pixel is hematoma
+    # where the probability exceeds it). Used unless ICHVOL_THRESHOLD or --threshold says
+    # otherwise; scripts/calibrate_threshold.py chooses and writes it.
+    threshold: float = DEFAULT_THRESHOLD
+
+    def decision_threshold(self, requested: float | None) -> float:
+        """``requested`` (a setting or option) if given, else the threshold calibrated for these weights."""
+        return self.threshold if requested is None else float(requested)
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -72,9 +84,17 @@ class ModelInfo:
                 created=str(data.get("created", "")),
                 sha256=sha256,
                 provenance=dict(data.get("provenance", {})),
+                threshold=_probability(data.get("threshold", DEFAULT_THRESHOLD)),
             )
         except (KeyError, TypeError, ValueError, IndexError) as exc:
             raise ModelFileError(f"weights metadata is incomplete or malformed: {exc}") from None
+
+
+def _probability(value: Any) -> float:
+    number = float(value)
+    if not 0.0 < number < 1.0:
+        raise ValueError(f"threshold must lie strictly between 0 and 1, got {value!r}")
+    return number
 
 
 class Segmenter(Protocol):

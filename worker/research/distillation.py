@@ -270,7 +270,7 @@ def _site_slices(
         if config.targets == "union":
             if base_predict is None:
                 raise ConfigurationError("union targets need the base model")
-            base_mask = final_mask(preprocess.to_native(base_predict(x), fit), series, config.options)
+            base_mask = final_mask(preprocess.to_native(base_predict(x), fit), series, config.options.for_model(info))
         native = distillation_targets(
             hemorrhage,
             series,
@@ -405,7 +405,7 @@ def agreements(
         teacher_ml = volume.planimetric_volume_ml(teacher_mask, pixel_spacing_mm=spacing, slab_thickness_mm=slabs)
         x, fit = preprocess.to_model_input(series.hu, size=info.input_size, window=info.hu_window)
         for name, predict in models.items():
-            mask = final_mask(preprocess.to_native(predict(x), fit), series, options)
+            mask = final_mask(preprocess.to_native(predict(x), fit), series, options.for_model(info))
             model_ml = volume.planimetric_volume_ml(mask, pixel_spacing_mm=spacing, slab_thickness_mm=slabs)
             rows[name].append((mask_dice(mask, teacher_mask), model_ml, teacher_ml))
     names = tuple(s.name for s in studies)

@@ -331,7 +331,9 @@ def evaluate(
         raise StudyError(ErrorCode.NO_USABLE_SERIES, f"no study could be evaluated ({reasons})")
     agreement = _agreements(cases)
     data = _report_data(cases, failures, agreement, drunet=drunet, unet=unet, warm=warm, studies_dir=studies_dir)
-    files |= _write_summaries(out_dir, cases, failures, agreement, data, options=options)
+    # each model measures at its own calibrated threshold unless one was asked for; the summary
+    # records DR-UNet's
+    files |= _write_summaries(out_dir, cases, failures, agreement, data, options=options.for_model(drunet.info))
     figures = report.write_figures(out_dir, data)
     files |= {f"figure_{k}": v for k, v in figures.items()}
     files["html"] = report.write_html(out_dir, data, figures=figures, title="ichvol evaluation: DR-UNet and baselines")

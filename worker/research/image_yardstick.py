@@ -231,7 +231,7 @@ def evaluate_images(
     options: ImageOptions | None = None,
 ) -> YardstickResult:
     """Score ``segmenter`` on the reference pairs; write ``yardstick.csv``, ``.json``, ``contact_sheet.png``."""
-    options = options or ImageOptions()
+    options = (options or ImageOptions()).for_model(segmenter.info)
     pairs = load_reference_pairs(Path(images_dir), Path(masks_dir))
     if not any(p.reference is not None for p in pairs):
         raise ConfigurationError(f"no image in {images_dir} has a mask of the same name in {masks_dir}")

@@ -20,7 +20,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, required=True, help="output folder: yardstick.csv/.json, contact_sheet.png")
     p.add_argument("--model", dest="model_path", help="weights file (.keras); default: ICHVOL_MODEL or the shipped one")
     p.add_argument("--batch-size", dest="inference_batch_size", type=int, help="images per model call")
-    p.add_argument("--threshold", type=float, help="probability threshold (default 0.5)")
+    p.add_argument(
+        "--threshold", type=float, help="probability threshold (default: the model's calibrated one, in its metadata)"
+    )
     add_image_options(p)
 
 
