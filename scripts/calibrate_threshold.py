@@ -39,12 +39,6 @@ REAL_MASKS = REPO.parent / "shared" / "data" / "drunet-test-slices-masks"
 SEED_BASE = 5_550_000
 
 
-def _dice(truth: np.ndarray, pred: np.ndarray) -> float:
-    t, p = truth > 0, pred > 0
-    denom = int(t.sum()) + int(p.sum())
-    return 1.0 if denom == 0 else 2.0 * int((t & p).sum()) / denom
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, default=None, help="weights file (default: the shipped model)")
@@ -74,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     from worker.model import preprocess
     from worker.model.engines import load_segmenter
     from worker.model.weights import resolve_model_path
+    from worker.research.distillation import mask_dice
     from worker.research.image_yardstick import load_reference_pairs, score_pairs
     from worker.research.threshold_calibration import ThresholdScore, choose_threshold, write_calibrated_copy
     from worker.synth.phantom import LesionSpec
@@ -113,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
                 ml = volume.planimetric_volume_ml(
                     mask, pixel_spacing_mm=series.pixel_spacing_mm, slab_thickness_mm=series.slab_thickness_mm
                 )
-                dice[t].append(_dice(truth.mask, mask[index]))
+                dice[t].append(mask_dice(truth.mask, mask[index]))
                 error[t].append(abs(ml - truth.analytic_volume_ml))
             print(f"{kind:17s} {target_ml:5.1f} mL: " + " ".join(f"{t:g}:{dice[t][-1]:.3f}" for t in thresholds))
     real: dict[float, tuple[float, int]] = {}

@@ -15,7 +15,10 @@ from celery.worker.control import inspect_command
 
 @inspect_command()  # type: ignore[untyped-decorator]
 def model_info(state: Any, **_: Any) -> dict[str, Any]:
-    """Model name, version, weights sha256, engine, device, loaded, studies processed.
+    """Model name, version, weights sha256, decision threshold, engine, device, loaded, studies processed.
+
+    ``threshold`` is the one the workers apply: ``ICHVOL_THRESHOLD`` where set
+    (``threshold_source`` "setting"), else the weights' calibrated one ("model").
 
     ``engine`` is what the pool processes run (``auto`` resolved: ``folded-bf16``, ``onnx``,
     ...); ``engine_setting`` is ``ICHVOL_INFERENCE_ENGINE`` as configured.
@@ -33,6 +36,8 @@ def model_info(state: Any, **_: Any) -> dict[str, Any]:
             "architecture": info.architecture,
             "dims": info.dims,
             "input_size": info.input_size,
+            "threshold": info.decision_threshold(settings.threshold),
+            "threshold_source": "model" if settings.threshold is None else "setting",
         }
     except Exception as exc:
         model = {"error": str(exc)}

@@ -45,6 +45,10 @@ def test_model_info_reports_the_engine_the_pool_processes_run(tmp_path: Path) ->
     reply = _answer(settings)
     assert reply["engine"] == "folded-bf16" and reply["engine_setting"] == "auto" == settings.inference_engine
     assert reply["loaded"] is True and reply["studies_processed"] == 4 and reply["studies_failed"] == 1
+    shipped = read_model_info(default_model_path())
+    assert (reply["threshold"], reply["threshold_source"]) == (shipped.threshold, "model")
+    forced = _answer(settings.replace(threshold=0.4))
+    assert (forced["threshold"], forced["threshold_source"]) == (0.4, "setting")
 
 
 def test_the_readme_example_is_what_the_command_prints_for_the_shipped_model(tmp_path: Path) -> None:
@@ -62,5 +66,6 @@ def test_the_readme_example_is_what_the_command_prints_for_the_shipped_model(tmp
         shipped.input_size,
     ), "README.md's inspect model_info example names other weights than the shipped ones"
     assert example["sha256"] == shipped.sha256
+    assert (example["threshold"], example["threshold_source"]) == (shipped.threshold, "model")
     assert example["engine_setting"] == settings.inference_engine
     assert example["engine"] == resolve_engine("auto", cpuinfo=AMD_ZEN4, onnx_available=True)
