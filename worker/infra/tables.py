@@ -212,7 +212,9 @@ class Result(Base):
     spacing x its slab thickness (mm^3 -> mL). ``abc2_ml``: the ABC/2 estimate from the
     same mask, and ``abc2_a_mm``, ``abc2_b_mm``, ``abc2_c_mm`` its three lengths (mm;
     NULL for results recorded before they were kept). ``pixel_spacing_row_mm`` /
-    ``pixel_spacing_col_mm`` are DICOM PixelSpacing[0] / [1]. ``timings_s`` maps stage
+    ``pixel_spacing_col_mm`` are DICOM PixelSpacing[0] / [1]. ``decision_threshold`` is the
+    probability above which a pixel was hematoma (the weights' calibrated threshold or
+    ``ICHVOL_THRESHOLD``; NULL for results recorded before it was kept). ``timings_s`` maps stage
     names to seconds. Artefact URIs are ``s3://`` or ``file://``; those not written are NULL.
     """
 
@@ -232,6 +234,7 @@ class Result(Base):
     abc2_a_mm: Mapped[float | None] = mapped_column(Float)
     abc2_b_mm: Mapped[float | None] = mapped_column(Float)
     abc2_c_mm: Mapped[float | None] = mapped_column(Float)
+    decision_threshold: Mapped[float | None] = mapped_column(Float)
     n_slices: Mapped[int] = mapped_column(Integer)
     pixel_spacing_row_mm: Mapped[float] = mapped_column(Float)
     pixel_spacing_col_mm: Mapped[float] = mapped_column(Float)

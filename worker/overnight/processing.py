@@ -411,6 +411,7 @@ def _result_row(claim: _Claim, series: CtSeries, outcome: StudyOutcome, uris: di
         abc2_a_mm=float(r["abc2"]["a_mm"]),
         abc2_b_mm=float(r["abc2"]["b_mm"]),
         abc2_c_mm=float(r["abc2"]["c_mm"]),
+        decision_threshold=float(r["postprocessing"]["threshold"]),
         n_slices=int(r["n_slices"]),
         pixel_spacing_row_mm=float(series.pixel_spacing_mm[0]),
         pixel_spacing_col_mm=float(series.pixel_spacing_mm[1]),

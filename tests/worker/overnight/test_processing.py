@@ -85,6 +85,7 @@ def test_good_study_succeeds_with_artefacts_and_identifiers(
         study = s.scalars(select(Study)).one()
     assert run is not None and run.state is RunState.SUCCEEDED and run.attempts == 1 and run.celery_task_id == "t-1"
     assert result.series_instance_uid == written.series_instance_uid and result.n_slices == 6
+    assert result.decision_threshold == deps.model_info.threshold == 0.5  # the model's own, recorded
     assert study.study_instance_uid == written.study_instance_uid and study.patient_id == "PHANTOM-1"
     uris = [result.result_uri, result.mask_npz_uri, result.mask_nifti_uri, result.seg_uri, result.overlay_uri]
     for uri in uris:
