@@ -161,12 +161,16 @@ def predict_images(
 
     ``pixel_spacing_mm`` is (between rows, between columns) of these images' pixels;
     areas in mm^2 need it, volumes need ``slice_thickness_mm`` too (module docstring).
-    ``options``: calibration and post-processing (default :class:`ImageOptions` with
-    ``threshold``; None: the threshold calibrated for the model).
+    ``options``: calibration and post-processing (default :class:`ImageOptions`);
+    ``threshold``, where given, replaces theirs; where neither names one, the threshold
+    calibrated for the model is used.
     """
     if threshold is not None and not 0.0 <= threshold <= 1.0:
         raise ConfigurationError(f"threshold must lie in [0, 1], got {threshold}")
-    options = replace(options or ImageOptions(), threshold=threshold).for_model(segmenter.info)
+    options = options or ImageOptions()
+    if threshold is not None:
+        options = replace(options, threshold=threshold)
+    options = options.for_model(segmenter.info)
     if pixel_spacing_mm is not None and options.pixel_mm is None:
         options = replace(options, pixel_mm=math.sqrt(float(pixel_spacing_mm[0]) * float(pixel_spacing_mm[1])))
     if pixel_spacing_mm is not None and not all(math.isfinite(v) and v > 0 for v in pixel_spacing_mm):

@@ -98,6 +98,8 @@ def test_images_use_the_model_threshold_too(tmp_path: Path) -> None:
     predict_images(in_dir=folder, out_dir=tmp_path / "out", segmenter=band(0.8), options=raw)  # type: ignore[arg-type]
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["threshold"] == 0.8 and summary["postprocessing"]["threshold"] == 0.8
+    predict_images(in_dir=folder, out_dir=tmp_path / "own", segmenter=band(0.8), options=replace(raw, threshold=0.6))  # type: ignore[arg-type]
+    assert json.loads((tmp_path / "own" / "summary.json").read_text())["threshold"] == 0.6  # the options' own
 
 
 def test_metadata_threshold_defaults_to_one_half_and_must_be_a_probability() -> None:
