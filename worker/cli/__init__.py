@@ -63,6 +63,13 @@ def hu_window(text: str) -> tuple[float, float]:
     return low, high
 
 
+def add_threshold_option(p: argparse.ArgumentParser) -> None:
+    """``--threshold P``: the decision threshold, overriding the one calibrated for the model."""
+    p.add_argument(
+        "--threshold", type=float, help="probability threshold (default: the model's calibrated one, in its metadata)"
+    )
+
+
 def _settings(args: argparse.Namespace) -> Settings:
     overrides = {}
     for name in ("model_path", "threshold", "min_component_ml", "inference_batch_size", "database_url"):

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from worker.cli import hu_window
+from worker.cli import add_threshold_option, hu_window
 from worker.core.notices import DISCLAIMER
 from worker.core.settings import Settings
 
@@ -31,9 +31,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("out_dir", type=Path, metavar="OUT_DIR", help="output folder (created)")
     p.add_argument("--model", dest="model_path", help="weights file (.keras); default: ICHVOL_MODEL or the shipped one")
     p.add_argument("--batch-size", dest="inference_batch_size", type=int, help="images per model call")
-    p.add_argument(
-        "--threshold", type=float, help="probability threshold (default: the model's calibrated one, in its metadata)"
-    )
+    add_threshold_option(p)
     p.add_argument("--pixel-spacing", type=_spacing, metavar="MM[,MM]", help="of these images' pixels: areas in mm2")
     p.add_argument("--slice-thickness", type=float, metavar="MM", help="with --pixel-spacing: volumes in mL")
     add_image_options(p)

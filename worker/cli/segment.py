@@ -10,6 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from worker.cli import add_threshold_option
 from worker.core.notices import DISCLAIMER
 from worker.core.settings import Settings
 
@@ -24,9 +25,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("study_dir", type=Path, help="folder with the study's DICOM files (any nesting)")
     p.add_argument("--out", type=Path, required=True, help="output folder (created)")
     add_model_options(p)
-    p.add_argument(
-        "--threshold", type=float, help="probability threshold (default: the model's calibrated one, in its metadata)"
-    )
+    add_threshold_option(p)
     p.add_argument("--min-component-ml", type=float, help="remove components smaller than this (mL)")
     p.add_argument("--no-intracranial", action="store_true", help="do not restrict to the skull-enclosed space")
     p.add_argument("--no-growth", action="store_true", help="no seeded growth into the blood-density region")

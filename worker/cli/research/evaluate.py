@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from worker.cli import add_threshold_option
 from worker.core.notices import DISCLAIMER
 from worker.core.settings import Settings
 
@@ -32,9 +33,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--labels", type=_labels, help="NIfTI label values / SEG segment numbers that are hematoma")
     p.add_argument("--batch-size", dest="inference_batch_size", type=int, help="slices per model call")
-    p.add_argument(
-        "--threshold", type=float, help="probability threshold (default: the model's calibrated one, in its metadata)"
-    )
+    add_threshold_option(p)
     p.add_argument("--min-component-ml", type=float, help="remove components smaller than this (mL)")
     p.add_argument("--no-intracranial", action="store_true", help="do not restrict to the skull-enclosed space")
 

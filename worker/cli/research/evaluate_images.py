@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from worker.cli import add_threshold_option
 from worker.cli.predict_images import add_image_options, image_options
 from worker.core.notices import DISCLAIMER
 from worker.core.settings import Settings
@@ -20,9 +21,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, required=True, help="output folder: yardstick.csv/.json, contact_sheet.png")
     p.add_argument("--model", dest="model_path", help="weights file (.keras); default: ICHVOL_MODEL or the shipped one")
     p.add_argument("--batch-size", dest="inference_batch_size", type=int, help="images per model call")
-    p.add_argument(
-        "--threshold", type=float, help="probability threshold (default: the model's calibrated one, in its metadata)"
-    )
+    add_threshold_option(p)
     add_image_options(p)
 
 
