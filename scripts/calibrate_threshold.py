@@ -60,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     if not all(0.0 < t < 1.0 for t in thresholds):
         parser.error("--thresholds must lie strictly between 0 and 1")
 
+    from worker.core.ct import CtSeries
     from worker.core.errors import ConfigurationError
     from worker.imaging.dicom_load import load_study
     from worker.measure import volume
@@ -81,12 +82,17 @@ def main(argv: list[str] | None = None) -> int:
     info = segmenter.info
     options = SegmentationOptions()
 
-    def probabilities(series: object) -> np.ndarray:
-        x, fit = preprocess.to_model_input(series.hu, size=info.input_size, window=info.hu_window)  # type: ignore[attr-defined]
+    def probabilities(series: CtSeries) -> np.ndarray:
+        x, fit = preprocess.to_model_input(series.hu, size=info.input_size, window=info.hu_window)
         return preprocess.to_native(segmenter.predict(x), fit)
 
-    def mask_at(prob: np.ndarray, series: object, threshold: float) -> np.ndarray:
-        return final_mask(prob, series, SegmentationOptions(threshold=threshold))  # type: ignore[arg-type]
+    def mask_at(prob: np.ndarray, series: CtSeries, threshold: float) -> np.ndarray:
+        return final_mask(prob, series, SegmentationOptions(threshold=threshold))
+
+    def volume_ml(mask: np.ndarray, series: CtSeries) -> float:
+        return volume.planimetric_volume_ml(
+            mask, pixel_spacing_mm=series.pixel_spacing_mm, slab_thickness_mm=series.slab_thickness_mm
+        )
 
     dice: dict[float, list[float]] = {t: [] for t in thresholds}
     error: dict[float, list[float]] = {t: [] for t in thresholds}
@@ -105,11 +111,8 @@ def main(argv: list[str] | None = None) -> int:
             prob = probabilities(series)
             for t in thresholds:
                 mask = mask_at(prob, series, t)
-                ml = volume.planimetric_volume_ml(
-                    mask, pixel_spacing_mm=series.pixel_spacing_mm, slab_thickness_mm=series.slab_thickness_mm
-                )
                 dice[t].append(mask_dice(truth.mask, mask[index]))
-                error[t].append(abs(ml - truth.analytic_volume_ml))
+                error[t].append(abs(volume_ml(mask, series) - truth.analytic_volume_ml))
             print(f"{kind:17s} {target_ml:5.1f} mL: " + " ".join(f"{t:g}:{dice[t][-1]:.3f}" for t in thresholds))
     real: dict[float, tuple[float, int]] = {}
     pairs = []
@@ -125,11 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         series = load_study(GE_DIR, rules=options.rules)
         prob = probabilities(series)
         for t in thresholds:
-            false_ml[t] = volume.planimetric_volume_ml(
-                mask_at(prob, series, t),
-                pixel_spacing_mm=series.pixel_spacing_mm,
-                slab_thickness_mm=series.slab_thickness_mm,
-            )
+            false_ml[t] = volume_ml(mask_at(prob, series, t), series)
     else:
         print(f"the GE scan is absent ({GE_DIR}): false volume unmeasured", file=sys.stderr)
     if not dice[thresholds[0]]:
@@ -158,13 +157,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{info.version} ({base_path.name}), {len(dice[thresholds[0]])} phantoms")
     print("| threshold | phantoms: mean Dice, MAE | real slices: mean Dice, found | GE false volume | score |")
     print("|---|---|---|---|---|")
-    for s in scores:
-        real_cell = "-" if s.real_dice is None else f"{s.real_dice:.3f}, {s.real_found}"
-        ge_cell = "-" if s.false_ml is None else f"{s.false_ml:.2f} mL"
-        mark = " (chosen)" if s is chosen else ""
+    for score in scores:
+        real_cell = "-" if score.real_dice is None else f"{score.real_dice:.3f}, {score.real_found}"
+        ge_cell = "-" if score.false_ml is None else f"{score.false_ml:.2f} mL"
+        mark = " (chosen)" if score is chosen else ""
         print(
-            f"| {s.threshold:g}{mark} | {s.phantom_dice:.4f}, {s.phantom_mae_ml:.2f} mL | {real_cell} | "
-            f"{ge_cell} | {s.selection:.4f} |"
+            f"| {score.threshold:g}{mark} | {score.phantom_dice:.4f}, {score.phantom_mae_ml:.2f} mL | {real_cell} | "
+            f"{ge_cell} | {score.selection:.4f} |"
         )
     measured_on = {
         "phantoms": len(dice[thresholds[0]]),

@@ -7,27 +7,12 @@ so they stay fast: the figures are meaningless, the plumbing and outputs are wha
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import cv2
 import pytest
 
-from tests.conftest import REPO_ROOT
-
-SCRIPTS = REPO_ROOT / "scripts"
-
-
-def _run(script: str, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, str(SCRIPTS / script), *args],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
+from tests.helpers.scripts import run_script as _run
 
 
 @pytest.mark.slow

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import zipfile
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO_ROOT
+from tests.helpers.scripts import run_script
 from worker.core.errors import ConfigurationError
 from worker.model.weights import METADATA_MEMBER, read_model_info, sha256_of
 from worker.research.threshold_calibration import ThresholdScore, choose_threshold, write_calibrated_copy
@@ -89,39 +87,25 @@ def test_the_calibrated_copy_changes_only_the_metadata(tiny_model_path: Path, tm
 @pytest.mark.slow
 def test_the_calibration_script_writes_a_copy_with_its_choice(tiny_model_path: Path, tmp_path: Path) -> None:
     out = tmp_path / "tiny-cal.keras"
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(REPO_ROOT / "scripts" / "calibrate_threshold.py"),
-            "--model",
-            str(tiny_model_path),
-            "--out",
-            str(out),
-            "--quick",
-            "--thresholds",
-            "0.3,0.5,0.7",
-            "--version",
-            "tiny-cal",
-            "--max-false-ml",
-            "1e9",  # an untrained model marks the GE scan (where present): the limit is not under test here
-        ],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
+    result = run_script(
+        "calibrate_threshold.py",
+        "--model",
+        str(tiny_model_path),
+        "--out",
+        str(out),
+        "--quick",
+        "--thresholds",
+        "0.3,0.5,0.7",
+        "--version",
+        "tiny-cal",
+        "--max-false-ml",
+        "1e9",  # an untrained model marks the GE scan (where present): the limit is not under test here
         timeout=900,
-        check=False,
     )
     assert result.returncode == 0, result.stderr
     info = read_model_info(out)
     assert info.version == "tiny-cal" and info.threshold in (0.3, 0.5, 0.7)
     assert "(chosen)" in result.stdout and f"threshold {info.threshold:g}" in result.stdout
     assert len(info.provenance["threshold_calibration"]["candidates"]) == 3
-    same = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "scripts" / "calibrate_threshold.py"), "--model", str(out), "--out", str(out)],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    same = run_script("calibrate_threshold.py", "--model", str(out), "--out", str(out), timeout=300)
     assert same.returncode == 2 and "new file" in same.stderr and "Traceback" not in same.stderr
