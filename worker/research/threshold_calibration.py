@@ -27,6 +27,7 @@ from typing import Any
 
 from worker.core.errors import ConfigurationError
 from worker.model.weights import ModelInfo, read_model_info, sha256_of, write_model_info
+from worker.research.training import combined_dice
 
 __all__ = ["MAX_FALSE_ML", "ThresholdScore", "choose_threshold", "write_calibrated_copy"]
 
@@ -53,10 +54,8 @@ class ThresholdScore:
 
     @property
     def selection(self) -> float:
-        """The choice score: the mean of the phantom and real Dice (training's selection rule)."""
-        if self.real_dice is None:
-            return self.phantom_dice
-        return 0.5 * (self.phantom_dice + self.real_dice)
+        """The choice score: the mean of the phantom and real Dice, as training chooses checkpoints."""
+        return combined_dice(self.phantom_dice, self.real_dice)
 
     def as_json(self) -> dict[str, Any]:
         return {

@@ -122,11 +122,14 @@ class _FunctionSegmenter:
         return np.concatenate(parts)
 
 
-def selection_score(scores: dict[str, float]) -> float:
-    """What checkpoints are chosen by: the pooled synthetic Dice, averaged with the real-slice Dice when scored."""
-    synthetic = float(scores["val_dice_pooled"])
-    real = scores.get("real_dice")
+def combined_dice(synthetic: float, real: float | None) -> float:
+    """What checkpoints and thresholds are chosen by: synthetic and real Dice averaged (real None/NaN: synthetic)."""
     return synthetic if real is None or real != real else 0.5 * synthetic + 0.5 * float(real)
+
+
+def selection_score(scores: dict[str, float]) -> float:
+    """What checkpoints are chosen by: :func:`combined_dice` of the pooled synthetic and the real-slice Dice."""
+    return combined_dice(float(scores["val_dice_pooled"]), scores.get("real_dice"))
 
 
 def _dice_scores(model_fn: Any, data: SliceArrays, batch_size: int) -> dict[str, float]:
